@@ -1,0 +1,24 @@
+//! Kiln's shared types: the job spec that a ComputeJob carries and the engine runs, resource
+//! quantities, validation and the loader that accepts a bare spec or a whole manifest.
+#![forbid(unsafe_code)]
+
+mod error;
+mod load;
+mod quantity;
+mod spec;
+mod validate;
+
+pub use error::{Error, Result};
+pub use load::{load_job, parse_job};
+pub use quantity::{parse_cpu, parse_memory};
+pub use spec::*;
+pub use validate::{FieldError, validate};
+
+/// The API group of Kiln's custom resources.
+pub const GROUP: &str = "kiln.dev";
+/// The API version of the ComputeJob resource.
+pub const VERSION: &str = "v1alpha1";
+/// The kind of Kiln's job resource.
+pub const KIND: &str = "ComputeJob";
+/// The most executors one job may ask for.
+pub const MAX_EXECUTORS: u32 = 512;

@@ -1,0 +1,328 @@
+//! The job spec: named inputs, SQL steps, an output, and the resources to run them with.
+//! The same structure is the `spec` of a ComputeJob and the file `kiln run` reads.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Kiln job: SQL steps over named inputs, run by one driver and a set of executors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    /// Container image for the driver and executor pods. Ignored in local mode; defaults to
+    /// the operator's configured image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources of the driver.
+    #[serde(default)]
+    pub driver: DriverSpec,
+    /// How many executors to run and with what resources.
+    #[serde(default)]
+    pub executors: ExecutorsSpec,
+    /// Number of partitions a shuffle (GROUP BY, JOIN, window) hashes rows into, and the
+    /// number of tasks input scans are split into. Like Spark's `spark.sql.shuffle.partitions`.
+    #[serde(default = "default_shuffle_partitions")]
+    pub shuffle_partitions: u32,
+    /// A join side estimated smaller than this (bytes, or a quantity such as `10Mi`) is
+    /// broadcast to every task of the join instead of shuffling both sides.
+    #[serde(default = "default_broadcast_threshold")]
+    pub broadcast_join_threshold: String,
+    /// Named input datasets; steps refer to them as tables.
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    /// SQL steps, in order. A step may refer to inputs and to earlier steps by name.
+    pub steps: Vec<StepSpec>,
+    /// Where the result goes. Without it, the last step's rows are returned to the caller
+    /// (printed by `kiln run`, summarised in the driver's status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
+    /// Retry and loss budgets.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+}
+
+/// Resources of the driver process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DriverSpec {
+    /// CPU request and limit of the driver pod (a Kubernetes quantity, e.g. `1` or `500m`).
+    #[serde(default = "default_cpu")]
+    pub cpu: String,
+    /// Memory request and limit of the driver pod (a Kubernetes quantity, e.g. `2Gi`).
+    #[serde(default = "default_driver_memory")]
+    pub memory: String,
+}
+
+impl Default for DriverSpec {
+    fn default() -> Self {
+        Self {
+            cpu: default_cpu(),
+            memory: default_driver_memory(),
+        }
+    }
+}
+
+/// Where executor pods may be scheduled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Placement {
+    /// Spot / preemptible nodes only (the default: about a third of the price).
+    #[default]
+    Spot,
+    /// On-demand nodes only.
+    OnDemand,
+    /// Any node.
+    Any,
+}
+
+/// The executors of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecutorsSpec {
+    /// Number of executors.
+    #[serde(default = "default_executor_count")]
+    pub count: u32,
+    /// CPU of each executor (a Kubernetes quantity). It also sets the number of tasks an
+    /// executor runs at once (rounded up, at least 1) unless `slots` is given.
+    #[serde(default = "default_cpu")]
+    pub cpu: String,
+    /// Memory budget of each executor (a Kubernetes quantity, e.g. `4Gi`): operators
+    /// (aggregations, sorts, joins) spill to disk beyond their share of it, and shuffle and
+    /// cached blocks move to local disk when it is full.
+    #[serde(default = "default_executor_memory")]
+    pub memory: String,
+    /// Where executor pods run: `Spot`, `OnDemand` or `Any`.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Concurrent tasks per executor; defaults to the CPU count rounded up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+}
+
+impl Default for ExecutorsSpec {
+    fn default() -> Self {
+        Self {
+            count: default_executor_count(),
+            cpu: default_cpu(),
+            memory: default_executor_memory(),
+            placement: Placement::default(),
+            slots: None,
+        }
+    }
+}
+
+/// File formats Kiln reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// Comma-separated values.
+    Csv,
+    /// Tab-separated values.
+    Tsv,
+    /// Apache Parquet.
+    Parquet,
+    /// Newline-delimited JSON, one object per line.
+    Json,
+    /// Plain text: one row per line, in a single string column `line`.
+    Text,
+}
+
+/// Options of an input's reader.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InputOptions {
+    /// Whether the first line of each CSV/TSV file names the columns (default `true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<bool>,
+    /// Field delimiter of CSV/TSV files: one ASCII character (default `,` for csv, tab for tsv).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<String>,
+    /// Quote character of CSV/TSV files: one ASCII character (default `"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<String>,
+    /// When `uri` is a directory, only files with this ending are read (default: `.parquet`
+    /// for parquet, `.csv`, `.tsv`, `.json`; every file for text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_extension: Option<String>,
+}
+
+/// A named input dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InputSpec {
+    /// Table name the steps use for this input (a SQL identifier).
+    pub name: String,
+    /// File format: `csv`, `tsv`, `parquet`, `json` (newline-delimited) or `text`.
+    pub format: InputFormat,
+    /// A file, a directory (ending in `/`) or a glob: a local path, `file://`, `http(s)://`
+    /// or `s3://bucket/key` (endpoint and credentials from the usual `AWS_*` variables).
+    pub uri: String,
+    /// Reader options.
+    #[serde(default)]
+    pub options: InputOptions,
+}
+
+/// How a step's result is kept once computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum CacheLevel {
+    /// Not kept: every later use recomputes it from its inputs.
+    #[default]
+    None,
+    /// Computed once and kept in the executors' memory; later steps read those partitions.
+    Memory,
+    /// Like `Memory`, and partitions that do not fit are kept on the executors' local disk.
+    MemoryAndDisk,
+}
+
+/// One SQL step of the job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StepSpec {
+    /// Table name later steps and the output use for this step's result (a SQL identifier).
+    pub name: String,
+    /// One SQL query (DataFusion dialect) over inputs and earlier steps.
+    pub sql: String,
+    /// Whether the result is computed once and kept: `None`, `Memory` or `MemoryAndDisk`.
+    #[serde(default)]
+    pub cache: CacheLevel,
+}
+
+/// File formats Kiln writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Apache Parquet.
+    #[serde(alias = "Parquet")]
+    Parquet,
+    /// Comma-separated values with a header line.
+    #[serde(alias = "Csv", alias = "CSV")]
+    Csv,
+    /// Newline-delimited JSON.
+    #[serde(alias = "Json", alias = "JSON")]
+    Json,
+}
+
+impl OutputFormat {
+    /// The file ending of this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Parquet => "parquet",
+            OutputFormat::Csv => "csv",
+            OutputFormat::Json => "json",
+        }
+    }
+}
+
+/// What happens when the output location already holds files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum WriteMode {
+    /// Earlier `part-*` files and `_SUCCESS` under the location are removed first, so a rerun
+    /// never leaves stale or duplicated rows.
+    #[default]
+    Overwrite,
+    /// The job fails if the location already holds files.
+    ErrorIfExists,
+}
+
+/// Where and how the result is written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputSpec {
+    /// The step whose rows are written (default: the last step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// A directory: local path, `file://`, or `s3://bucket/prefix/`. Each result partition
+    /// becomes one `part-NNNNN.<format>` file, and `_SUCCESS` marks a complete write.
+    pub uri: String,
+    /// File format: `parquet`, `csv` or `json`.
+    pub format: OutputFormat,
+    /// `Overwrite` (default) or `ErrorIfExists`.
+    #[serde(default)]
+    pub mode: WriteMode,
+}
+
+/// Retry and loss budgets of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailurePolicy {
+    /// Attempts of one task before the job fails (failures on the task's own data fail the
+    /// job at once; preemptions do not count).
+    #[serde(default = "default_task_attempts")]
+    pub max_task_attempts: u32,
+    /// Attempts of one stage (resubmissions after lost outputs) before the job fails.
+    #[serde(default = "default_stage_attempts")]
+    pub max_stage_attempts: u32,
+    /// Executors the job may lose before it fails.
+    #[serde(default = "default_executor_losses")]
+    pub max_executor_losses: u32,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self {
+            max_task_attempts: default_task_attempts(),
+            max_stage_attempts: default_stage_attempts(),
+            max_executor_losses: default_executor_losses(),
+        }
+    }
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            driver: DriverSpec::default(),
+            executors: ExecutorsSpec::default(),
+            shuffle_partitions: default_shuffle_partitions(),
+            broadcast_join_threshold: default_broadcast_threshold(),
+            inputs: Vec::new(),
+            steps: Vec::new(),
+            output: None,
+            failure_policy: FailurePolicy::default(),
+        }
+    }
+}
+
+impl JobSpec {
+    /// The step the job's result comes from: `output.from`, else the last step.
+    pub fn target_step(&self) -> Option<&StepSpec> {
+        match self.output.as_ref().and_then(|o| o.from.as_deref()) {
+            Some(name) => self.steps.iter().find(|s| s.name == name),
+            None => self.steps.last(),
+        }
+    }
+
+    /// Tasks each executor runs at once: `executors.slots`, else the CPU count rounded up.
+    pub fn executor_slots(&self) -> u32 {
+        self.executors.slots.unwrap_or_else(|| {
+            crate::parse_cpu(&self.executors.cpu)
+                .map(|m| m.div_ceil(1000).max(1) as u32)
+                .unwrap_or(1)
+        })
+    }
+}
+
+fn default_shuffle_partitions() -> u32 {
+    16
+}
+fn default_broadcast_threshold() -> String {
+    "10Mi".into()
+}
+fn default_cpu() -> String {
+    "1".into()
+}
+fn default_driver_memory() -> String {
+    "1Gi".into()
+}
+fn default_executor_memory() -> String {
+    "2Gi".into()
+}
+fn default_executor_count() -> u32 {
+    2
+}
+fn default_task_attempts() -> u32 {
+    4
+}
+fn default_stage_attempts() -> u32 {
+    4
+}
+fn default_executor_losses() -> u32 {
+    20
+}

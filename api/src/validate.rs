@@ -1,0 +1,234 @@
+//! Pure validation of a job spec: every rule names the field it is about.
+use std::collections::HashSet;
+
+use crate::{InputFormat, JobSpec, MAX_EXECUTORS, parse_cpu, parse_memory};
+
+/// One broken rule: the field's path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `steps[2].name`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn single_ascii(value: &str) -> bool {
+    value.len() == 1 && value.is_ascii()
+}
+
+/// Checks the rules serde cannot express. An empty list means the spec is valid.
+pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+
+    if spec.executors.count == 0 || spec.executors.count > MAX_EXECUTORS {
+        err(
+            "executors.count".into(),
+            format!(
+                "must be between 1 and {MAX_EXECUTORS}, got {}",
+                spec.executors.count
+            ),
+        );
+    }
+    if spec.executors.slots == Some(0) {
+        err("executors.slots".into(), "must be at least 1".into());
+    }
+    for (field, value) in [
+        ("executors.memory", &spec.executors.memory),
+        ("driver.memory", &spec.driver.memory),
+    ] {
+        match parse_memory(value) {
+            Ok(b) if b < (1 << 20) => err(field.into(), format!("`{value}` is below 1Mi")),
+            Ok(_) => {}
+            Err(e) => err(field.into(), e.to_string()),
+        }
+    }
+    for (field, value) in [
+        ("executors.cpu", &spec.executors.cpu),
+        ("driver.cpu", &spec.driver.cpu),
+    ] {
+        match parse_cpu(value) {
+            Ok(0) => err(field.into(), "must be above zero".into()),
+            Ok(_) => {}
+            Err(e) => err(field.into(), e.to_string()),
+        }
+    }
+    if let Err(e) = parse_memory(&spec.broadcast_join_threshold) {
+        err("broadcastJoinThreshold".into(), e.to_string());
+    }
+    if spec.shuffle_partitions == 0 || spec.shuffle_partitions > 100_000 {
+        err(
+            "shufflePartitions".into(),
+            "must be between 1 and 100000".into(),
+        );
+    }
+    let fp = &spec.failure_policy;
+    for (field, value) in [
+        ("failurePolicy.maxTaskAttempts", fp.max_task_attempts),
+        ("failurePolicy.maxStageAttempts", fp.max_stage_attempts),
+    ] {
+        if value == 0 {
+            err(field.into(), "must be at least 1".into());
+        }
+    }
+
+    let mut names = HashSet::new();
+    for (i, input) in spec.inputs.iter().enumerate() {
+        let at = format!("inputs[{i}]");
+        if !is_identifier(&input.name) {
+            err(
+                format!("{at}.name"),
+                format!("`{}` is not a SQL identifier", input.name),
+            );
+        } else if !names.insert(input.name.to_ascii_lowercase()) {
+            err(
+                format!("{at}.name"),
+                format!("`{}` is used twice", input.name),
+            );
+        }
+        if input.uri.trim().is_empty() {
+            err(format!("{at}.uri"), "must not be empty".into());
+        }
+        let csv_like = matches!(input.format, InputFormat::Csv | InputFormat::Tsv);
+        let o = &input.options;
+        for (key, value) in [("delimiter", &o.delimiter), ("quote", &o.quote)] {
+            match value {
+                Some(_) if !csv_like => err(
+                    format!("{at}.options.{key}"),
+                    "only applies to csv and tsv inputs".into(),
+                ),
+                Some(v) if !single_ascii(v) => err(
+                    format!("{at}.options.{key}"),
+                    format!("must be one ASCII character, got `{v}`"),
+                ),
+                _ => {}
+            }
+        }
+        if o.header.is_some() && !csv_like {
+            err(
+                format!("{at}.options.header"),
+                "only applies to csv and tsv inputs".into(),
+            );
+        }
+    }
+
+    if spec.steps.is_empty() {
+        err("steps".into(), "a job needs at least one step".into());
+    }
+    for (i, step) in spec.steps.iter().enumerate() {
+        let at = format!("steps[{i}]");
+        if !is_identifier(&step.name) {
+            err(
+                format!("{at}.name"),
+                format!("`{}` is not a SQL identifier", step.name),
+            );
+        } else if !names.insert(step.name.to_ascii_lowercase()) {
+            err(
+                format!("{at}.name"),
+                format!("`{}` is already the name of an input or step", step.name),
+            );
+        }
+        if step.sql.trim().is_empty() {
+            err(format!("{at}.sql"), "must not be empty".into());
+        }
+    }
+
+    if let Some(out) = &spec.output {
+        if let Some(from) = &out.from
+            && !spec.steps.iter().any(|s| &s.name == from)
+        {
+            err(
+                "output.from".into(),
+                format!("no step is named `{from}`"),
+            );
+        }
+        if out.uri.trim().is_empty() {
+            err("output.uri".into(), "must not be empty".into());
+        }
+        if out.uri.starts_with("http://") || out.uri.starts_with("https://") {
+            err(
+                "output.uri".into(),
+                "HTTP locations are read-only; write to a path or s3://".into(),
+            );
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InputOptions, InputSpec, StepSpec};
+
+    fn job() -> JobSpec {
+        JobSpec {
+            inputs: vec![InputSpec {
+                name: "t".into(),
+                format: InputFormat::Parquet,
+                uri: "data/".into(),
+                options: InputOptions::default(),
+            }],
+            steps: vec![StepSpec {
+                name: "s".into(),
+                sql: "SELECT 1".into(),
+                cache: Default::default(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn fields(spec: &JobSpec) -> Vec<String> {
+        validate(spec).into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn a_good_spec_is_valid() {
+        let mut spec = job();
+        spec.shuffle_partitions = 4;
+        spec.executors.count = 2;
+        assert_eq!(validate(&spec), vec![]);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let mut spec = job();
+        spec.shuffle_partitions = 4;
+        spec.executors.count = MAX_EXECUTORS + 1;
+        spec.executors.memory = "huge".into();
+        spec.inputs[0].options.delimiter = Some(";".into());
+        spec.steps.push(StepSpec {
+            name: "t".into(),
+            sql: " ".into(),
+            cache: Default::default(),
+        });
+        spec.output = Some(crate::OutputSpec {
+            from: Some("nope".into()),
+            uri: "out/".into(),
+            format: crate::OutputFormat::Csv,
+            mode: Default::default(),
+        });
+        assert_eq!(
+            fields(&spec),
+            [
+                "executors.count",
+                "executors.memory",
+                "inputs[0].options.delimiter",
+                "steps[1].name",
+                "steps[1].sql",
+                "output.from"
+            ]
+        );
+    }
+}

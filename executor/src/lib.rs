@@ -1,0 +1,2 @@
+//! Kiln's engine.
+#![forbid(unsafe_code)]
