@@ -1,0 +1,197 @@
+//! The engines a benchmark compares: each runs one query at a time over the TPC-H tables and
+//! reports how long it took. Add a peer (DuckDB, Spark, ...) by implementing [`Peer`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+
+/// The TPC-H tables, each read from `<data>/<table>.parquet`.
+pub const TPCH_TABLES: [&str; 8] = [
+    "lineitem", "orders", "customer", "part", "partsupp", "supplier", "nation", "region",
+];
+
+/// One benchmark query.
+#[derive(Clone, Debug)]
+pub struct Query {
+    /// Short name, e.g. `q3`.
+    pub name: String,
+    /// The SQL text, without a trailing `;`.
+    pub sql: String,
+}
+
+/// One timed run of a query by a peer.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    /// Wall-clock time, as the peer defines it (see each peer's docs).
+    pub elapsed: Duration,
+    /// Rows in the result.
+    pub rows: u64,
+    /// Peer-specific figures for the JSON report (e.g. Kiln's job summary).
+    pub detail: Option<serde_json::Value>,
+}
+
+/// An engine that runs benchmark queries.
+pub trait Peer {
+    /// The name used in tables, JSON and `--peers`.
+    fn name(&self) -> &str;
+    /// Runs `query` once and times it.
+    fn run(&mut self, query: &Query) -> Result<Measurement>;
+}
+
+/// Kiln through its CLI: `kiln run job.yaml --executors N`, one process per query, writing
+/// Parquet to a temporary directory. The time is the whole command, from start to exit,
+/// including the start of the driver and executor processes.
+pub struct KilnPeer {
+    binary: PathBuf,
+    data: PathBuf,
+    executors: u32,
+    shuffle_partitions: u32,
+    scratch: PathBuf,
+}
+
+impl KilnPeer {
+    /// A Kiln peer running `binary` over the tables in `data`.
+    pub fn new(binary: &Path, data: &Path, executors: u32, shuffle_partitions: u32) -> Self {
+        let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+        Self {
+            binary: binary.to_path_buf(),
+            data: data.to_path_buf(),
+            executors,
+            shuffle_partitions,
+            scratch,
+        }
+    }
+
+    fn job(&self, query: &Query, out: &Path) -> serde_json::Value {
+        let inputs: Vec<serde_json::Value> = TPCH_TABLES
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t,
+                    "format": "parquet",
+                    "uri": self.data.join(format!("{t}.parquet")).display().to_string(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "shufflePartitions": self.shuffle_partitions,
+            "executors": {"count": self.executors},
+            "inputs": inputs,
+            "steps": [{"name": query.name, "sql": query.sql}],
+            "output": {"uri": out.display().to_string(), "format": "parquet"},
+        })
+    }
+}
+
+impl Peer for KilnPeer {
+    fn name(&self) -> &str {
+        "kiln"
+    }
+
+    fn run(&mut self, query: &Query) -> Result<Measurement> {
+        let dir = self.scratch.join(&query.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let job_file = dir.join("job.yaml");
+        let summary_file = dir.join("summary.json");
+        let job = self.job(query, &dir.join("out"));
+        std::fs::write(&job_file, serde_yaml::to_string(&job)?)?;
+
+        let started = Instant::now();
+        let output = Command::new(&self.binary)
+            .arg("run")
+            .arg(&job_file)
+            .args(["--executors", &self.executors.to_string(), "--quiet"])
+            .arg("--summary")
+            .arg(&summary_file)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot start {}", self.binary.display()))?;
+        let elapsed = started.elapsed();
+        let summary: Option<serde_json::Value> = std::fs::read(&summary_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let _ = std::fs::remove_dir_all(&dir);
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            bail!("kiln run exited with {}: {last}", output.status);
+        }
+        let summary = summary.context("kiln run wrote no summary")?;
+        let rows = summary
+            .pointer("/output/rows")
+            .and_then(serde_json::Value::as_u64)
+            .context("the summary has no output.rows")?;
+        let detail = serde_json::json!({
+            "jobMs": summary.get("elapsedMs"),
+            "totals": summary.get("totals"),
+        });
+        Ok(Measurement {
+            elapsed,
+            rows,
+            detail: Some(detail),
+        })
+    }
+}
+
+impl Drop for KilnPeer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// DataFusion in this process, with its default configuration (one partition per core). The
+/// tables are registered once; the time covers planning and collecting the result.
+pub struct DataFusionPeer {
+    runtime: tokio::runtime::Runtime,
+    ctx: SessionContext,
+}
+
+impl DataFusionPeer {
+    /// A DataFusion session over the tables in `data`.
+    pub fn new(data: &Path) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let ctx = SessionContext::new_with_config(SessionConfig::new());
+        runtime.block_on(async {
+            for table in TPCH_TABLES {
+                let path = data.join(format!("{table}.parquet"));
+                let path = path.to_str().context("data path is not UTF-8")?;
+                ctx.register_parquet(table, path, ParquetReadOptions::default())
+                    .await
+                    .with_context(|| format!("register {path}"))?;
+            }
+            anyhow::Ok(())
+        })?;
+        Ok(Self { runtime, ctx })
+    }
+}
+
+impl Peer for DataFusionPeer {
+    fn name(&self) -> &str {
+        "datafusion"
+    }
+
+    fn run(&mut self, query: &Query) -> Result<Measurement> {
+        let ctx = &self.ctx;
+        self.runtime.block_on(async {
+            let started = Instant::now();
+            let batches = ctx.sql(&query.sql).await?.collect().await?;
+            let elapsed = started.elapsed();
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            anyhow::Ok(Measurement {
+                elapsed,
+                rows,
+                detail: None,
+            })
+        })
+    }
+}

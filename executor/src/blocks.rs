@@ -1,0 +1,401 @@
+//! The executor's block store: shuffle outputs and cached partitions, kept in memory as Arrow
+//! record batches within a byte budget; the least recently used segments move to local disk
+//! (Arrow IPC files) when the budget is exceeded.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+
+use crate::{Error, Result};
+
+/// One block: the rows map task `map` of `stage` produced for reduce partition `reduce`
+/// (pass-through and cached outputs use `reduce = 0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId {
+    /// Stage id, unique within a job.
+    pub stage: u32,
+    /// Partition of the task that wrote it.
+    pub map: u32,
+    /// Partition of the consumer that reads it.
+    pub reduce: u32,
+}
+
+impl BlockId {
+    /// A block id.
+    pub fn new(stage: u32, map: u32, reduce: u32) -> Self {
+        Self { stage, map, reduce }
+    }
+
+    /// The Flight ticket naming this block.
+    pub fn ticket(&self) -> String {
+        format!("{}/{}/{}", self.stage, self.map, self.reduce)
+    }
+
+    /// Parses a Flight ticket.
+    pub fn from_ticket(t: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(t).ok()?;
+        let mut it = s.split('/').map(|p| p.parse::<u32>());
+        let id = Self::new(it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?);
+        it.next().is_none().then_some(id)
+    }
+}
+
+impl std::fmt::Display for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.stage, self.map, self.reduce)
+    }
+}
+
+enum Data {
+    Memory(Vec<RecordBatch>),
+    Disk(PathBuf),
+}
+
+struct Segment {
+    data: Data,
+    bytes: u64,
+    last_use: u64,
+}
+
+struct Block {
+    schema: SchemaRef,
+    segments: Vec<Segment>,
+}
+
+#[derive(Default)]
+struct Inner {
+    blocks: HashMap<BlockId, Block>,
+    in_memory: u64,
+    clock: u64,
+}
+
+/// Counters of the store, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct BlockStoreStats {
+    /// Segments written to disk.
+    pub spilled_segments: AtomicU64,
+    /// Bytes written to disk.
+    pub spilled_bytes: AtomicU64,
+}
+
+/// Blocks of one executor.
+pub struct BlockStore {
+    inner: Mutex<Inner>,
+    budget: u64,
+    dir: PathBuf,
+    seq: AtomicU64,
+    /// Spill counters.
+    pub stats: BlockStoreStats,
+}
+
+/// Size and row count of a stored block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockMeta {
+    /// In-memory size of its batches.
+    pub bytes: u64,
+    /// Rows.
+    pub rows: u64,
+}
+
+fn batches_size(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
+}
+
+impl BlockStore {
+    /// A store that keeps at most `budget` bytes in memory and spills to `dir`.
+    pub fn new(budget: u64, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            budget,
+            dir: dir.into(),
+            seq: AtomicU64::new(0),
+            stats: BlockStoreStats::default(),
+        }
+    }
+
+    /// Bytes held in memory now.
+    pub fn in_memory(&self) -> u64 {
+        self.inner.lock().unwrap().in_memory
+    }
+
+    /// Starts (or restarts) a block: drops whatever an earlier attempt left under `id`.
+    pub fn create(&self, id: BlockId, schema: SchemaRef) {
+        let old = {
+            let mut inner = self.inner.lock().unwrap();
+            let old = inner.blocks.insert(
+                id,
+                Block {
+                    schema,
+                    segments: Vec::new(),
+                },
+            );
+            if let Some(old) = &old {
+                inner.in_memory -= old.memory_bytes();
+            }
+            old
+        };
+        if let Some(old) = old {
+            old.remove_files();
+        }
+    }
+
+    /// Appends batches to a block created with [`BlockStore::create`], then moves the least
+    /// recently used segments to disk while memory is over budget.
+    pub async fn append(&self, id: BlockId, batches: Vec<RecordBatch>) -> Result<BlockMeta> {
+        let meta = BlockMeta {
+            bytes: batches_size(&batches),
+            rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+        };
+        if meta.rows == 0 {
+            return Ok(meta);
+        }
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.clock += 1;
+            let last_use = inner.clock;
+            let block = inner
+                .blocks
+                .get_mut(&id)
+                .ok_or(Error::BlockNotFound(id))?;
+            block.segments.push(Segment {
+                data: Data::Memory(batches),
+                bytes: meta.bytes,
+                last_use,
+            });
+            inner.in_memory += meta.bytes;
+        }
+        self.spill_over_budget().await?;
+        Ok(meta)
+    }
+
+    /// The block's schema and batches, reading spilled segments back from disk.
+    pub async fn get(&self, id: BlockId) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let (schema, parts) = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.clock += 1;
+            let now = inner.clock;
+            let block = inner.blocks.get_mut(&id).ok_or(Error::BlockNotFound(id))?;
+            let parts: Vec<_> = block
+                .segments
+                .iter_mut()
+                .map(|s| {
+                    s.last_use = now;
+                    match &s.data {
+                        Data::Memory(b) => Ok(b.clone()),
+                        Data::Disk(p) => Err(p.clone()),
+                    }
+                })
+                .collect();
+            (block.schema.clone(), parts)
+        };
+        let mut out = Vec::new();
+        for part in parts {
+            match part {
+                Ok(batches) => out.extend(batches),
+                Err(path) => out.extend(read_spill(path).await?),
+            }
+        }
+        Ok((schema, out))
+    }
+
+    /// Whether the store holds the block.
+    pub fn contains(&self, id: BlockId) -> bool {
+        self.inner.lock().unwrap().blocks.contains_key(&id)
+    }
+
+    /// Drops every block of the given stages.
+    pub fn drop_stages(&self, stages: &[u32]) {
+        let removed: Vec<Block> = {
+            let mut inner = self.inner.lock().unwrap();
+            let ids: Vec<BlockId> = inner
+                .blocks
+                .keys()
+                .filter(|id| stages.contains(&id.stage))
+                .copied()
+                .collect();
+            let removed: Vec<Block> = ids
+                .iter()
+                .filter_map(|id| inner.blocks.remove(id))
+                .collect();
+            inner.in_memory -= removed.iter().map(Block::memory_bytes).sum::<u64>();
+            removed
+        };
+        for b in removed {
+            b.remove_files();
+        }
+    }
+
+    async fn spill_over_budget(&self) -> Result<()> {
+        loop {
+            let victim = {
+                let mut inner = self.inner.lock().unwrap();
+                if inner.in_memory <= self.budget {
+                    return Ok(());
+                }
+                let Some((id, idx)) = inner
+                    .blocks
+                    .iter()
+                    .flat_map(|(id, b)| {
+                        b.segments.iter().enumerate().filter_map(move |(i, s)| {
+                            matches!(s.data, Data::Memory(_)).then_some((s.last_use, *id, i))
+                        })
+                    })
+                    .min()
+                    .map(|(_, id, i)| (id, i))
+                else {
+                    return Ok(());
+                };
+                let block = inner.blocks.get_mut(&id).expect("victim exists");
+                let schema = block.schema.clone();
+                let seg = &mut block.segments[idx];
+                let path = self.dir.join(format!(
+                    "block-{}-{}-{}-{}.arrow",
+                    id.stage,
+                    id.map,
+                    id.reduce,
+                    self.seq.fetch_add(1, Ordering::Relaxed)
+                ));
+                let Data::Memory(batches) =
+                    std::mem::replace(&mut seg.data, Data::Disk(path.clone()))
+                else {
+                    unreachable!("victims are in memory")
+                };
+                let bytes = seg.bytes;
+                inner.in_memory -= bytes;
+                (schema, batches, path, bytes)
+            };
+            let (schema, batches, path, bytes) = victim;
+            write_spill(schema, batches, path).await?;
+            self.stats.spilled_segments.fetch_add(1, Ordering::Relaxed);
+            self.stats.spilled_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Block {
+    fn memory_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .filter(|s| matches!(s.data, Data::Memory(_)))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    fn remove_files(&self) {
+        for s in &self.segments {
+            if let Data::Disk(p) = &s.data {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+async fn write_spill(schema: SchemaRef, batches: Vec<RecordBatch>, path: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let io = |source| Error::SpillIo {
+            action: "write",
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let file = std::fs::File::create(&path).map_err(io)?;
+        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+        for b in &batches {
+            w.write(b)?;
+        }
+        w.finish()?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::SpillIo {
+        action: "write",
+        path: PathBuf::new(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+async fn read_spill(path: PathBuf) -> Result<Vec<RecordBatch>> {
+    tokio::task::spawn_blocking(move || read_spill_sync(&path))
+        .await
+        .map_err(|e| Error::SpillIo {
+            action: "read",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+fn read_spill_sync(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|source| Error::SpillIo {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn batch(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn spills_least_recently_used_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = batches_size(&[batch(10_000)]);
+        let store = BlockStore::new(one * 2, dir.path());
+        for map in 0..4 {
+            let id = BlockId::new(1, map, 0);
+            store.create(id, batch(1).schema());
+            store.append(id, vec![batch(10_000)]).await.unwrap();
+        }
+        assert!(store.in_memory() <= one * 2);
+        assert_eq!(store.stats.spilled_segments.load(Ordering::Relaxed), 2);
+        for map in 0..4 {
+            let (_, b) = store.get(BlockId::new(1, map, 0)).await.unwrap();
+            assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 10_000);
+        }
+        store.drop_stages(&[1]);
+        assert_eq!(store.in_memory(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(matches!(
+            store.get(BlockId::new(1, 0, 0)).await,
+            Err(Error::BlockNotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn recreating_a_block_drops_the_earlier_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::new(u64::MAX, dir.path());
+        let id = BlockId::new(2, 0, 3);
+        store.create(id, batch(1).schema());
+        store.append(id, vec![batch(5)]).await.unwrap();
+        store.create(id, batch(1).schema());
+        store.append(id, vec![batch(7)]).await.unwrap();
+        let (_, b) = store.get(id).await.unwrap();
+        assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 7);
+    }
+
+    #[test]
+    fn tickets_round_trip() {
+        let id = BlockId::new(4, 15, 2);
+        assert_eq!(BlockId::from_ticket(id.ticket().as_bytes()), Some(id));
+        assert_eq!(BlockId::from_ticket(b"4/15"), None);
+        assert_eq!(BlockId::from_ticket(b"4/15/2/1"), None);
+    }
+}

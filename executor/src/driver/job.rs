@@ -1,0 +1,358 @@
+//! Runs a job's steps: checks every step's SQL up front, materializes cached steps as they
+//! are reached, plans the target step into stages, submits them to the scheduler and waits,
+//! then collects the result or finishes the output.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::listing::ListingTableUrl;
+use datafusion::datasource::view::ViewTable;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::metrics::Count;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use kiln_api::{CacheLevel, JobSpec, OutputSpec, StepSpec, WriteMode};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::service::{Progress, Shared, StageRecord};
+use crate::blocks::BlockId;
+use crate::plan::{FinalOutput, Stage, StagePlanner};
+use crate::session::{CachedTable, planning_context};
+use crate::shuffle::{PeerClients, ReadMode, ShuffleReaderExec};
+use crate::summary::{JobSummary, OutputSummary};
+use crate::{Error, Result};
+
+/// What a finished job produced.
+pub struct JobOutcome {
+    /// The target step's rows, when the job has no output (empty otherwise).
+    pub batches: Vec<RecordBatch>,
+    /// Their schema.
+    pub schema: Option<SchemaRef>,
+    /// The summary.
+    pub summary: JobSummary,
+}
+
+fn plan_err(step: &str) -> impl FnOnce(datafusion::error::DataFusionError) -> Error + '_ {
+    move |source| Error::PlanStep {
+        step: step.to_string(),
+        source,
+    }
+}
+
+/// Tables a logical plan reads, subqueries included.
+fn referenced_tables(plan: &LogicalPlan) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::TableScan(scan) = p {
+            names.insert(scan.table_name.table().to_ascii_lowercase());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    names
+}
+
+/// Plans every step as a view in a scratch session, so bad SQL fails before any work runs;
+/// returns the steps the target needs, in order.
+async fn check_steps<'a>(spec: &'a JobSpec, ctx: &SessionContext) -> Result<Vec<&'a StepSpec>> {
+    let mut deps: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for step in &spec.steps {
+        let df = ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
+        deps.insert(step.name.to_ascii_lowercase(), referenced_tables(df.logical_plan()));
+        let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
+        ctx.register_table(step.name.as_str(), Arc::new(view))
+            .map_err(plan_err(&step.name))?;
+    }
+    let target = spec
+        .target_step()
+        .ok_or_else(|| Error::Driver("the job has no steps".into()))?;
+    let mut needed = BTreeSet::from([target.name.to_ascii_lowercase()]);
+    for step in spec.steps.iter().rev() {
+        let name = step.name.to_ascii_lowercase();
+        if needed.contains(&name) {
+            needed.extend(deps[&name].iter().cloned());
+        }
+    }
+    Ok(spec
+        .steps
+        .iter()
+        .filter(|s| needed.contains(&s.name.to_ascii_lowercase()))
+        .collect())
+}
+
+pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutcome> {
+    let started = Instant::now();
+    let ctx = planning_context(spec).await?;
+    let needed = check_steps(spec, &ctx).await?;
+    let target = spec.target_step().expect("checked above");
+    let mut planner = StagePlanner::default();
+    let mut batches = Vec::new();
+    let mut schema = None;
+    let mut output = None;
+    for step in needed {
+        let is_target = step.name == target.name;
+        // Replan against the tables as they are now: earlier cached steps read their blocks.
+        ctx.deregister_table(step.name.as_str())
+            .map_err(plan_err(&step.name))?;
+        let df = ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
+        if step.cache == CacheLevel::None && !is_target {
+            let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
+            ctx.register_table(step.name.as_str(), Arc::new(view))
+                .map_err(plan_err(&step.name))?;
+            continue;
+        }
+        let plan = df.create_physical_plan().await.map_err(plan_err(&step.name))?;
+        let out_schema = plan.schema();
+        let sink = spec.output.as_ref().filter(|_| is_target);
+        let final_output = match sink {
+            Some(o) => {
+                prepare_output(&ctx, o).await?;
+                FinalOutput::Sink {
+                    uri: dir_uri(&o.uri),
+                    format: o.format,
+                }
+            }
+            None => FinalOutput::Blocks,
+        };
+        let stages = planner
+            .split(plan, &final_output)
+            .map_err(plan_err(&step.name))?;
+        let final_stage = run_stages(shared, &step.name, stages, sink.is_none()).await?;
+        if step.cache != CacheLevel::None {
+            let partitions = shared.state.lock().unwrap().stages[&final_stage].partitions;
+            let table: Arc<dyn TableProvider> =
+                Arc::new(CachedTable::new(final_stage, out_schema.clone(), partitions));
+            ctx.register_table(step.name.as_str(), table)
+                .map_err(plan_err(&step.name))?;
+        }
+        if is_target {
+            match sink {
+                Some(o) => output = Some(finish_output(shared, &ctx, o, final_stage).await?),
+                None => {
+                    batches = fetch_result(shared, final_stage).await?;
+                    schema = Some(out_schema);
+                }
+            }
+            if step.cache == CacheLevel::None {
+                release(shared, &[final_stage]);
+            }
+        }
+    }
+    let mut summary = shared.summary(spec);
+    summary.succeeded = true;
+    summary.output = output;
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(JobOutcome {
+        batches,
+        schema,
+        summary,
+    })
+}
+
+fn dir_uri(uri: &str) -> String {
+    if uri.ends_with('/') {
+        uri.to_string()
+    } else {
+        format!("{uri}/")
+    }
+}
+
+/// The stage whose partition `p` a stage's task `p` reads whole, if any: tasks run best
+/// where that partition lives.
+fn preferred_input(stage: &Stage) -> Option<u32> {
+    let mut found = None;
+    let _ = stage.plan.apply(|node| {
+        if let Some(r) = node.downcast_ref::<ShuffleReaderExec>()
+            && r.mode() == ReadMode::PassThrough
+            && r.partitions() == stage.partitions
+        {
+            found = Some(r.stage());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// Submits a step's stages and waits for the last one; intermediate stages are released
+/// once it succeeds. The last stage stays pinned when its blocks are still to be read.
+async fn run_stages(
+    shared: &Arc<Shared>,
+    step: &str,
+    stages: Vec<Stage>,
+    keep_final: bool,
+) -> Result<u32> {
+    let final_stage = stages.last().expect("a plan has at least one stage").id;
+    let ids: Vec<u32> = stages.iter().map(|s| s.id).collect();
+    {
+        let mut state = shared.state.lock().unwrap();
+        for stage in stages {
+            let preferred = preferred_input(&stage);
+            shared.emit(Progress::StageSubmitted {
+                stage: stage.id,
+                step: step.to_string(),
+                description: stage.description.clone(),
+                tasks: stage.partitions,
+            });
+            state.stages.insert(
+                stage.id,
+                StageRecord {
+                    plan: stage.plan,
+                    step: step.to_string(),
+                    description: stage.description,
+                    partitions: stage.partitions,
+                    encoded: None,
+                    counters: Default::default(),
+                },
+            );
+            let events =
+                state
+                    .sched
+                    .add_stage(stage.id, stage.partitions, stage.inputs, preferred);
+            shared.handle(events);
+        }
+        state.sched.pin(final_stage, keep_final);
+    }
+    shared.work.notify_waiters();
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        {
+            let state = shared.state.lock().unwrap();
+            if let Some(reason) = state.sched.failure() {
+                return Err(Error::JobFailed {
+                    reason: reason.to_string(),
+                });
+            }
+            if state.sched.status(final_stage) == Some(super::scheduler::StageStatus::Succeeded) {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+    }
+    let intermediate: Vec<u32> = ids.into_iter().filter(|id| *id != final_stage).collect();
+    release(shared, &intermediate);
+    Ok(final_stage)
+}
+
+/// Stages whose blocks are no longer needed: never recomputed, dropped by executors.
+fn release(shared: &Arc<Shared>, stages: &[u32]) {
+    if stages.is_empty() {
+        return;
+    }
+    let mut state = shared.state.lock().unwrap();
+    for s in stages {
+        state.sched.release(*s);
+    }
+    let executors: Vec<String> = state.sched.executors().cloned().collect();
+    for e in executors {
+        state.drops.entry(e).or_default().extend_from_slice(stages);
+    }
+}
+
+/// Fetches the result blocks in partition order.
+async fn fetch_result(shared: &Arc<Shared>, stage: u32) -> Result<Vec<RecordBatch>> {
+    let locations = shared
+        .state
+        .lock()
+        .unwrap()
+        .sched
+        .locations(stage)
+        .ok_or_else(|| Error::Driver(format!("result stage {stage} has lost partitions")))?;
+    let peers = PeerClients::default();
+    let mut out = Vec::new();
+    for (p, (executor, address)) in locations.into_iter().enumerate() {
+        let id = BlockId::new(stage, p as u32, 0);
+        let failed = |message: String| Error::FetchFailed {
+            executor: executor.clone(),
+            stage,
+            map_partition: p as u32,
+            reduce_partition: 0,
+            message,
+        };
+        let stream = peers
+            .fetch(&address, id, Count::new())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let batches: Vec<RecordBatch> = stream
+            .try_collect()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        out.extend(batches);
+    }
+    Ok(out)
+}
+
+fn output_store(
+    ctx: &SessionContext,
+    out: &OutputSpec,
+) -> Result<(Arc<dyn ObjectStore>, object_store::path::Path)> {
+    let uri = dir_uri(&out.uri);
+    let url = ListingTableUrl::parse(&uri).map_err(|e| Error::InvalidUri {
+        uri: uri.clone(),
+        reason: e.to_string(),
+    })?;
+    let store = ctx.runtime_env().object_store(url.object_store())?;
+    Ok((store, url.prefix().clone()))
+}
+
+/// Applies the write mode before any task writes: `Overwrite` removes the files an earlier
+/// run left (so a rerun never duplicates rows), `ErrorIfExists` refuses a non-empty location.
+async fn prepare_output(ctx: &SessionContext, out: &OutputSpec) -> Result<()> {
+    let (store, prefix) = output_store(ctx, out)?;
+    let write_err = |source| Error::WriteOutput {
+        uri: out.uri.clone(),
+        source,
+    };
+    let existing: Vec<object_store::ObjectMeta> = match store.list(Some(&prefix)).try_collect().await {
+        Ok(v) => v,
+        Err(object_store::Error::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(write_err(e)),
+    };
+    if existing.is_empty() {
+        return Ok(());
+    }
+    if out.mode == WriteMode::ErrorIfExists {
+        return Err(Error::OutputExists {
+            uri: out.uri.clone(),
+        });
+    }
+    for meta in existing {
+        let name = meta.location.filename().unwrap_or_default();
+        let direct = meta.location.prefix_match(&prefix).is_some_and(|mut rest| {
+            rest.next().is_some() && rest.next().is_none()
+        });
+        if direct && (name.starts_with("part-") || name == "_SUCCESS") {
+            store.delete(&meta.location).await.map_err(write_err)?;
+        }
+    }
+    Ok(())
+}
+
+async fn finish_output(
+    shared: &Arc<Shared>,
+    ctx: &SessionContext,
+    out: &OutputSpec,
+    stage: u32,
+) -> Result<OutputSummary> {
+    let (store, prefix) = output_store(ctx, out)?;
+    store
+        .put(&prefix.child("_SUCCESS"), PutPayload::default())
+        .await
+        .map_err(|source| Error::WriteOutput {
+            uri: out.uri.clone(),
+            source,
+        })?;
+    let state = shared.state.lock().unwrap();
+    let counters = &state.stages[&stage].counters;
+    Ok(OutputSummary {
+        uri: out.uri.clone(),
+        rows: counters.output_rows,
+        files: counters.files_written,
+    })
+}

@@ -1,0 +1,119 @@
+//! The driver: plans the job into stages, schedules tasks on executors through its control
+//! service, tracks where every output lives, and assembles the result.
+mod job;
+pub mod scheduler;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_api::JobSpec;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use job::JobOutcome;
+pub use service::Progress;
+use service::{DriverService, Shared};
+
+use crate::rpc::driver_server::DriverServer;
+use crate::{Error, Result};
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    /// Where the control service listens.
+    pub bind: SocketAddr,
+    /// The per-job secret executors must present (None: no authentication).
+    pub token: Option<String>,
+    /// An executor silent this long is declared lost.
+    pub heartbeat_timeout: Duration,
+}
+
+/// A running driver.
+pub struct Driver {
+    shared: Arc<Shared>,
+    address: SocketAddr,
+    server: JoinHandle<()>,
+    monitor: JoinHandle<()>,
+}
+
+impl Driver {
+    /// Starts the control service for `spec`.
+    pub async fn start(spec: &JobSpec, options: DriverOptions) -> Result<Driver> {
+        let listener = TcpListener::bind(options.bind)
+            .await
+            .map_err(|source| Error::Bind {
+                address: options.bind.to_string(),
+                source,
+            })?;
+        let address = listener.local_addr().map_err(|source| Error::Bind {
+            address: options.bind.to_string(),
+            source,
+        })?;
+        let shared = Arc::new(Shared::new(spec, options.token)?);
+        let service = DriverServer::new(DriverService::new(shared.clone()))
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        let server = tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "driver control service stopped");
+            }
+        });
+        let monitor = tokio::spawn(service::monitor_heartbeats(
+            shared.clone(),
+            options.heartbeat_timeout,
+        ));
+        Ok(Driver {
+            shared,
+            address,
+            server,
+            monitor,
+        })
+    }
+
+    /// The control service's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Progress events of the job.
+    pub fn subscribe(&self) -> broadcast::Receiver<Progress> {
+        self.shared.progress.subscribe()
+    }
+
+    /// Declares an executor lost (what the operator's `ExecutorLost` call and the local
+    /// runner's process supervision do).
+    pub fn executor_lost(&self, executor: &str, preempted: bool) {
+        self.shared.executor_lost(executor, preempted);
+    }
+
+    /// Runs the job to its end.
+    pub async fn run(&self, spec: &JobSpec) -> Result<JobOutcome> {
+        job::run(&self.shared, spec).await
+    }
+
+    /// The summary of what ran so far.
+    pub fn summary(&self, spec: &JobSpec) -> crate::JobSummary {
+        self.shared.summary(spec)
+    }
+
+    /// Tells executors the job is over, gives them `grace` to hear it, and stops serving.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shared.begin_shutdown();
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline && self.shared.live_executors() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.monitor.abort();
+        self.server.abort();
+    }
+}

@@ -1,0 +1,631 @@
+//! The driver's scheduler: a pure state machine over stages and tasks. It is fed events
+//! (executors registering, polling, reporting, being lost) and answers with assignments and
+//! state changes; it does no I/O, so every path is unit-tested with synthetic events.
+//!
+//! It also holds the lineage: for every stage output partition, which executor holds it and
+//! which task produced it. When an executor goes, exactly the outputs that lived there and are
+//! still needed are recomputed, walking up to their own inputs when those are gone too.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use kiln_api::FailurePolicy;
+
+/// An executor's id.
+pub type ExecutorId = String;
+
+/// One task: a partition of a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId {
+    /// Its stage.
+    pub stage: u32,
+    /// Its partition.
+    pub partition: u32,
+}
+
+/// Where a stage is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageStatus {
+    /// Waiting for input stages.
+    Unresolved,
+    /// Inputs are complete; tasks may start.
+    Resolved,
+    /// Some tasks started.
+    Running,
+    /// Every partition's output is available.
+    Succeeded,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TaskState {
+    Pending,
+    Running { executor: ExecutorId, attempt: u32 },
+    Done { executor: ExecutorId },
+}
+
+/// Why an executor is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LossReason {
+    /// Spot reclaim, node drain or node loss: not the job's fault, not counted against
+    /// `maxTaskAttempts`.
+    Preempted,
+    /// The executor failed or was killed.
+    Failed,
+    /// It stopped sending heartbeats.
+    HeartbeatTimeout,
+}
+
+impl LossReason {
+    /// Its name in summaries and RPCs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::Preempted => "Preempted",
+            LossReason::Failed => "Failed",
+            LossReason::HeartbeatTimeout => "HeartbeatTimeout",
+        }
+    }
+}
+
+/// How a task attempt failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskFailure {
+    /// The task's own data or SQL is at fault: the job fails at once.
+    Data(String),
+    /// The executor or its environment: retried, up to `maxTaskAttempts`.
+    Executor(String),
+    /// An input block was missing at `executor`: its producer reruns, then this task.
+    Fetch {
+        executor: ExecutorId,
+        stage: u32,
+        map_partition: u32,
+    },
+}
+
+/// What changed, for the driver to act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SchedulerEvent {
+    /// A stage's inputs are complete (again); its plan must be (re)resolved.
+    StageResolved(u32),
+    /// All of a stage's outputs are available.
+    StageSucceeded(u32),
+    /// The job cannot go on.
+    JobFailed(String),
+}
+
+#[derive(Debug)]
+struct StageState {
+    status: StageStatus,
+    inputs: Vec<u32>,
+    tasks: Vec<TaskState>,
+    failures: Vec<u32>,
+    next_attempt: Vec<u32>,
+    epoch: u64,
+    attempts: u32,
+    launched: u64,
+    recomputed: u64,
+    completed_once: Vec<bool>,
+    pinned: bool,
+    released: bool,
+    preferred: Option<u32>,
+}
+
+#[derive(Debug)]
+struct ExecutorInfo {
+    address: String,
+    running: BTreeSet<TaskId>,
+    last_seen: Instant,
+}
+
+/// The scheduler.
+#[derive(Debug)]
+pub struct Scheduler {
+    policy: FailurePolicy,
+    stages: BTreeMap<u32, StageState>,
+    executors: BTreeMap<ExecutorId, ExecutorInfo>,
+    lost: HashSet<ExecutorId>,
+    losses: Vec<(ExecutorId, LossReason)>,
+    failure: Option<String>,
+}
+
+impl Scheduler {
+    /// A scheduler with the job's budgets.
+    pub fn new(policy: FailurePolicy) -> Self {
+        Self {
+            policy,
+            stages: BTreeMap::new(),
+            executors: BTreeMap::new(),
+            lost: HashSet::new(),
+            losses: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// Adds a stage. `preferred` names a stage whose partition `p` this stage's task `p`
+    /// reads whole (a cached dataset): the task prefers the executor holding it.
+    pub fn add_stage(
+        &mut self,
+        id: u32,
+        partitions: usize,
+        inputs: Vec<u32>,
+        preferred: Option<u32>,
+    ) -> Vec<SchedulerEvent> {
+        self.stages.insert(
+            id,
+            StageState {
+                status: StageStatus::Unresolved,
+                inputs,
+                tasks: vec![TaskState::Pending; partitions],
+                failures: vec![0; partitions],
+                next_attempt: vec![0; partitions],
+                epoch: 0,
+                attempts: 1,
+                launched: 0,
+                recomputed: 0,
+                completed_once: vec![false; partitions],
+                pinned: false,
+                released: false,
+                preferred,
+            },
+        );
+        self.refresh()
+    }
+
+    /// Keeps a stage's output needed after its consumers finish (cached datasets, results
+    /// not yet fetched).
+    pub fn pin(&mut self, stage: u32, pinned: bool) {
+        if let Some(s) = self.stages.get_mut(&stage) {
+            s.pinned = pinned;
+        }
+    }
+
+    /// The stage's output is no longer needed: it is never recomputed.
+    pub fn release(&mut self, stage: u32) {
+        if let Some(s) = self.stages.get_mut(&stage) {
+            s.released = true;
+            s.pinned = false;
+        }
+    }
+
+    /// The first unrecoverable failure, if any.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Status of a stage.
+    pub fn status(&self, stage: u32) -> Option<StageStatus> {
+        self.stages.get(&stage).map(|s| s.status)
+    }
+
+    /// Bumped every time the stage is resolved: a plan encoded at an older epoch carries
+    /// stale locations.
+    pub fn epoch(&self, stage: u32) -> u64 {
+        self.stages.get(&stage).map_or(0, |s| s.epoch)
+    }
+
+    /// Task attempts launched for the stage, and how many re-ran a partition that had
+    /// already succeeded once (recomputation after a loss).
+    pub fn launch_counts(&self, stage: u32) -> (u64, u64) {
+        self.stages
+            .get(&stage)
+            .map_or((0, 0), |s| (s.launched, s.recomputed))
+    }
+
+    /// Executors lost so far, with their reasons.
+    pub fn losses(&self) -> &[(ExecutorId, LossReason)] {
+        &self.losses
+    }
+
+    /// Live executors.
+    pub fn executors(&self) -> impl Iterator<Item = &ExecutorId> {
+        self.executors.keys()
+    }
+
+    /// Whether `executor` is registered and not lost.
+    pub fn is_live(&self, executor: &str) -> bool {
+        self.executors.contains_key(executor)
+    }
+
+    /// Whether the executor was declared lost (it must not come back under the same id).
+    pub fn was_lost(&self, executor: &str) -> bool {
+        self.lost.contains(executor)
+    }
+
+    /// Registers an executor. Returns false for an id that was declared lost.
+    pub fn register_executor(&mut self, id: &str, address: &str, now: Instant) -> bool {
+        if self.lost.contains(id) {
+            return false;
+        }
+        let info = self
+            .executors
+            .entry(id.to_string())
+            .or_insert_with(|| ExecutorInfo {
+                address: address.to_string(),
+                running: BTreeSet::new(),
+                last_seen: now,
+            });
+        info.address = address.to_string();
+        info.last_seen = now;
+        true
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&mut self, id: &str, now: Instant) {
+        if let Some(e) = self.executors.get_mut(id) {
+            e.last_seen = now;
+        }
+    }
+
+    /// Executors silent for longer than `timeout`.
+    pub fn expired(&self, now: Instant, timeout: Duration) -> Vec<ExecutorId> {
+        self.executors
+            .iter()
+            .filter(|(_, e)| now.duration_since(e.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Where each partition of a succeeded stage lives: `(executor, address)` per partition.
+    pub fn locations(&self, stage: u32) -> Option<Vec<(ExecutorId, String)>> {
+        let s = self.stages.get(&stage)?;
+        s.tasks
+            .iter()
+            .map(|t| match t {
+                TaskState::Done { executor } => self
+                    .executors
+                    .get(executor)
+                    .map(|e| (executor.clone(), e.address.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Hands `executor` up to `free` tasks, upstream stages first, tasks whose preferred
+    /// data lives on this executor before others.
+    pub fn assign(&mut self, executor: &str, free: usize) -> Vec<(TaskId, u32)> {
+        if free == 0 || self.failure.is_some() || !self.executors.contains_key(executor) {
+            return Vec::new();
+        }
+        let mut picks: Vec<TaskId> = Vec::new();
+        let runnable: Vec<u32> = self
+            .stages
+            .iter()
+            .filter(|(_, s)| matches!(s.status, StageStatus::Resolved | StageStatus::Running))
+            .map(|(id, _)| *id)
+            .collect();
+        for local_pass in [true, false] {
+            for &sid in &runnable {
+                let s = &self.stages[&sid];
+                let holder = |p: usize| {
+                    s.preferred
+                        .and_then(|pref| self.stages.get(&pref))
+                        .and_then(|ps| ps.tasks.get(p))
+                        .and_then(|t| match t {
+                            TaskState::Done { executor } => Some(executor.as_str()),
+                            _ => None,
+                        })
+                };
+                for (p, t) in s.tasks.iter().enumerate() {
+                    if picks.len() == free {
+                        break;
+                    }
+                    let id = TaskId {
+                        stage: sid,
+                        partition: p as u32,
+                    };
+                    if *t != TaskState::Pending || picks.contains(&id) {
+                        continue;
+                    }
+                    // A task whose cached input lives on another live executor is left for
+                    // it: reading locally saves moving the partition.
+                    let take = match holder(p) {
+                        Some(h) if h == executor => true,
+                        Some(h) => !local_pass && !self.executors.contains_key(h),
+                        None => !local_pass,
+                    };
+                    if take {
+                        picks.push(id);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(picks.len());
+        for id in picks {
+            let s = self.stages.get_mut(&id.stage).expect("picked from stages");
+            let p = id.partition as usize;
+            let attempt = s.next_attempt[p];
+            s.next_attempt[p] += 1;
+            s.launched += 1;
+            if s.completed_once[p] {
+                s.recomputed += 1;
+            }
+            s.tasks[p] = TaskState::Running {
+                executor: executor.to_string(),
+                attempt,
+            };
+            s.status = StageStatus::Running;
+            self.executors
+                .get_mut(executor)
+                .expect("checked above")
+                .running
+                .insert(id);
+            out.push((id, attempt));
+        }
+        out
+    }
+
+    fn running_attempt(&self, task: TaskId, attempt: u32, executor: &str) -> bool {
+        self.stages
+            .get(&task.stage)
+            .and_then(|s| s.tasks.get(task.partition as usize))
+            .is_some_and(|t| {
+                *t == TaskState::Running {
+                    executor: executor.to_string(),
+                    attempt,
+                }
+            })
+    }
+
+    /// A task attempt finished. Late or duplicate reports (an attempt that is no longer the
+    /// running one, an executor declared lost) are ignored and return `false`.
+    pub fn task_succeeded(
+        &mut self,
+        task: TaskId,
+        attempt: u32,
+        executor: &str,
+    ) -> (bool, Vec<SchedulerEvent>) {
+        if !self.running_attempt(task, attempt, executor) {
+            return (false, Vec::new());
+        }
+        if let Some(e) = self.executors.get_mut(executor) {
+            e.running.remove(&task);
+        }
+        let s = self.stages.get_mut(&task.stage).expect("checked");
+        s.tasks[task.partition as usize] = TaskState::Done {
+            executor: executor.to_string(),
+        };
+        s.completed_once[task.partition as usize] = true;
+        let mut events = Vec::new();
+        if s.tasks.iter().all(|t| matches!(t, TaskState::Done { .. })) {
+            s.status = StageStatus::Succeeded;
+            events.push(SchedulerEvent::StageSucceeded(task.stage));
+            events.extend(self.refresh());
+        }
+        (true, events)
+    }
+
+    /// A task attempt failed.
+    pub fn task_failed(
+        &mut self,
+        task: TaskId,
+        attempt: u32,
+        executor: &str,
+        failure: TaskFailure,
+    ) -> Vec<SchedulerEvent> {
+        if !self.running_attempt(task, attempt, executor) {
+            return Vec::new();
+        }
+        if let Some(e) = self.executors.get_mut(executor) {
+            e.running.remove(&task);
+        }
+        let p = task.partition as usize;
+        match failure {
+            TaskFailure::Data(message) => self.fail(format!(
+                "task {}.{} failed on its data: {message}",
+                task.stage, task.partition
+            )),
+            TaskFailure::Executor(message) => {
+                let s = self.stages.get_mut(&task.stage).expect("checked");
+                s.tasks[p] = TaskState::Pending;
+                s.failures[p] += 1;
+                if s.failures[p] >= self.policy.max_task_attempts {
+                    let n = s.failures[p];
+                    return self.fail(format!(
+                        "task {}.{} failed {n} times (failurePolicy.maxTaskAttempts = {}); last error: {message}",
+                        task.stage, task.partition, self.policy.max_task_attempts
+                    ));
+                }
+                Vec::new()
+            }
+            TaskFailure::Fetch {
+                executor: holder,
+                stage,
+                map_partition,
+            } => {
+                let s = self.stages.get_mut(&task.stage).expect("checked");
+                s.tasks[p] = TaskState::Pending;
+                let mut events = Vec::new();
+                let held_there = self
+                    .stages
+                    .get(&stage)
+                    .and_then(|s| s.tasks.get(map_partition as usize))
+                    .is_some_and(|t| *t == TaskState::Done { executor: holder.clone() });
+                if held_there {
+                    events.extend(self.lose_outputs(&[(stage, map_partition)]));
+                }
+                events.extend(self.refresh());
+                events
+            }
+        }
+    }
+
+    /// An executor is gone: its running tasks go back to pending (counted as a failed attempt
+    /// unless it was preempted) and the outputs that lived only there are recomputed where
+    /// still needed.
+    pub fn executor_lost(&mut self, id: &str, reason: LossReason) -> Vec<SchedulerEvent> {
+        let Some(info) = self.executors.remove(id) else {
+            return Vec::new();
+        };
+        self.lost.insert(id.to_string());
+        self.losses.push((id.to_string(), reason));
+        if self.losses.len() as u32 > self.policy.max_executor_losses {
+            return self.fail(format!(
+                "lost {} executors, more than failurePolicy.maxExecutorLosses = {} (last: {id}, {})",
+                self.losses.len(),
+                self.policy.max_executor_losses,
+                reason.as_str()
+            ));
+        }
+        let mut events = Vec::new();
+        let max_attempts = self.policy.max_task_attempts;
+        for task in info.running {
+            let s = self.stages.get_mut(&task.stage).expect("running task has a stage");
+            let p = task.partition as usize;
+            s.tasks[p] = TaskState::Pending;
+            if reason != LossReason::Preempted {
+                s.failures[p] += 1;
+                let failures = s.failures[p];
+                if failures >= max_attempts {
+                    return self.fail(format!(
+                        "task {}.{} failed {failures} times (failurePolicy.maxTaskAttempts = {max_attempts}); last: executor {id} lost ({})",
+                        task.stage,
+                        task.partition,
+                        reason.as_str()
+                    ));
+                }
+            }
+        }
+        let held: Vec<(u32, u32)> = self
+            .stages
+            .iter()
+            .flat_map(|(sid, s)| {
+                s.tasks.iter().enumerate().filter_map(move |(p, t)| match t {
+                    TaskState::Done { executor } if executor == id => Some((*sid, p as u32)),
+                    _ => None,
+                })
+            })
+            .collect();
+        events.extend(self.lose_outputs(&held));
+        events.extend(self.refresh());
+        events
+    }
+
+    fn needed(&self, stage: u32) -> bool {
+        let Some(s) = self.stages.get(&stage) else {
+            return false;
+        };
+        !s.released
+            && (s.pinned
+                || self
+                    .stages
+                    .values()
+                    .any(|c| c.inputs.contains(&stage) && c.status != StageStatus::Succeeded))
+    }
+
+    fn lose_outputs(&mut self, outputs: &[(u32, u32)]) -> Vec<SchedulerEvent> {
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        for &(sid, p) in outputs {
+            let needed = self.needed(sid);
+            let s = self.stages.get_mut(&sid).expect("output of a known stage");
+            s.tasks[p as usize] = TaskState::Pending;
+            if needed {
+                touched.insert(sid);
+            } else {
+                s.released = true;
+            }
+        }
+        let mut events = Vec::new();
+        for sid in touched {
+            let s = self.stages.get_mut(&sid).expect("known");
+            if s.status == StageStatus::Succeeded {
+                s.attempts += 1;
+                if s.attempts > self.policy.max_stage_attempts {
+                    let n = s.attempts;
+                    events.extend(self.fail(format!(
+                        "stage {sid} had to be resubmitted {n} times (failurePolicy.maxStageAttempts = {})",
+                        self.policy.max_stage_attempts
+                    )));
+                    return events;
+                }
+                s.status = StageStatus::Resolved;
+            }
+            // Consumers that have not finished must wait for the recomputed partitions.
+            let consumers: Vec<u32> = self
+                .stages
+                .iter()
+                .filter(|(_, c)| c.inputs.contains(&sid) && c.status != StageStatus::Succeeded)
+                .map(|(id, _)| *id)
+                .collect();
+            for c in consumers {
+                self.stages.get_mut(&c).expect("known").status = StageStatus::Unresolved;
+            }
+        }
+        // A stage whose own inputs are gone waits for them (walking up the lineage).
+        let ids: Vec<u32> = self.stages.keys().copied().collect();
+        for sid in ids {
+            let s = &self.stages[&sid];
+            if matches!(s.status, StageStatus::Resolved | StageStatus::Running)
+                && s.tasks.iter().any(|t| *t == TaskState::Pending)
+                && !self.inputs_complete(sid)
+            {
+                self.stages.get_mut(&sid).expect("known").status = StageStatus::Unresolved;
+            }
+        }
+        events
+    }
+
+    fn inputs_complete(&self, stage: u32) -> bool {
+        self.stages[&stage]
+            .inputs
+            .iter()
+            .all(|i| self.stages.get(i).is_some_and(|s| s.status == StageStatus::Succeeded))
+    }
+
+    fn refresh(&mut self) -> Vec<SchedulerEvent> {
+        let mut events = Vec::new();
+        let ids: Vec<u32> = self.stages.keys().copied().collect();
+        for sid in ids {
+            if self.stages[&sid].status == StageStatus::Unresolved && self.inputs_complete(sid) {
+                let s = self.stages.get_mut(&sid).expect("known");
+                s.epoch += 1;
+                let started = s.tasks.iter().any(|t| *t != TaskState::Pending);
+                s.status = if s.tasks.iter().all(|t| matches!(t, TaskState::Done { .. })) {
+                    StageStatus::Succeeded
+                } else if started {
+                    StageStatus::Running
+                } else {
+                    StageStatus::Resolved
+                };
+                events.push(SchedulerEvent::StageResolved(sid));
+            }
+        }
+        events
+    }
+
+    fn fail(&mut self, reason: String) -> Vec<SchedulerEvent> {
+        if self.failure.is_none() {
+            self.failure = Some(reason.clone());
+            vec![SchedulerEvent::JobFailed(reason)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Tasks of each stage by state, for progress: `(done, total)`.
+    pub fn progress(&self, stage: u32) -> (usize, usize) {
+        self.stages.get(&stage).map_or((0, 0), |s| {
+            (
+                s.tasks
+                    .iter()
+                    .filter(|t| matches!(t, TaskState::Done { .. }))
+                    .count(),
+                s.tasks.len(),
+            )
+        })
+    }
+
+    /// Outputs of each live executor, for tests and diagnostics: `stage -> partitions`.
+    pub fn outputs_on(&self, executor: &str) -> HashMap<u32, Vec<u32>> {
+        let mut out: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (sid, s) in &self.stages {
+            for (p, t) in s.tasks.iter().enumerate() {
+                if matches!(t, TaskState::Done { executor: e } if e == executor) {
+                    out.entry(*sid).or_default().push(p as u32);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

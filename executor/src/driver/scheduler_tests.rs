@@ -1,0 +1,237 @@
+use super::*;
+
+fn policy() -> FailurePolicy {
+    FailurePolicy {
+        max_task_attempts: 3,
+        max_stage_attempts: 3,
+        max_executor_losses: 2,
+    }
+}
+
+fn task(stage: u32, partition: u32) -> TaskId {
+    TaskId { stage, partition }
+}
+
+/// Two map stages (1, 2) feeding a join stage (3), on executors a and b.
+fn two_stage_job() -> (Scheduler, Instant) {
+    let now = Instant::now();
+    let mut s = Scheduler::new(policy());
+    assert!(s.register_executor("a", "a:1", now));
+    assert!(s.register_executor("b", "b:1", now));
+    let ev = s.add_stage(1, 2, vec![], None);
+    assert_eq!(ev, vec![SchedulerEvent::StageResolved(1)]);
+    s.add_stage(2, 2, vec![], None);
+    assert!(s.add_stage(3, 2, vec![1, 2], None).is_empty());
+    (s, now)
+}
+
+fn run_all(s: &mut Scheduler, stage: u32) {
+    for exec in ["a", "b"] {
+        for (t, attempt) in s.assign(exec, 1) {
+            assert_eq!(t.stage, stage);
+            s.task_succeeded(t, attempt, exec);
+        }
+    }
+}
+
+#[test]
+fn stages_run_in_dependency_order() {
+    let (mut s, _) = two_stage_job();
+    let first = s.assign("a", 8);
+    assert_eq!(first.len(), 4, "both map stages are runnable at once");
+    assert!(first.iter().all(|(t, _)| t.stage != 3));
+    assert_eq!(s.status(3), Some(StageStatus::Unresolved));
+    let mut events = Vec::new();
+    for (t, a) in first {
+        let (counted, ev) = s.task_succeeded(t, a, "a");
+        assert!(counted);
+        events.extend(ev);
+    }
+    assert!(events.contains(&SchedulerEvent::StageSucceeded(1)));
+    assert!(events.contains(&SchedulerEvent::StageResolved(3)));
+    assert_eq!(s.epoch(3), 1);
+    assert_eq!(s.locations(1).unwrap(), vec![("a".into(), "a:1".into()); 2]);
+    let join = s.assign("b", 8);
+    assert_eq!(join.len(), 2);
+    assert!(join.iter().all(|(t, _)| t.stage == 3));
+}
+
+#[test]
+fn a_late_or_duplicate_report_is_ignored() {
+    let (mut s, _) = two_stage_job();
+    let (t, attempt) = s.assign("a", 1)[0];
+    assert!(s.task_succeeded(t, attempt, "a").0);
+    assert!(!s.task_succeeded(t, attempt, "a").0, "duplicate counted");
+    assert!(!s.task_succeeded(task(1, 1), 0, "b").0, "never assigned");
+}
+
+#[test]
+fn a_data_error_fails_the_job_at_once() {
+    let (mut s, _) = two_stage_job();
+    let (t, a) = s.assign("a", 1)[0];
+    let ev = s.task_failed(t, a, "a", TaskFailure::Data("division by zero".into()));
+    assert!(matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.contains("division by zero")));
+    assert!(s.assign("b", 4).is_empty(), "nothing runs after a failure");
+}
+
+#[test]
+fn executor_failures_retry_up_to_the_budget() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(policy());
+    s.register_executor("a", "a:1", now);
+    s.add_stage(1, 1, vec![], None);
+    for n in 1..=3u32 {
+        assert_eq!(s.assign("a", 1), vec![(task(1, 0), n - 1)]);
+        let ev = s.task_failed(task(1, 0), n - 1, "a", TaskFailure::Executor("oom".into()));
+        if n < 3 {
+            assert!(ev.is_empty(), "{ev:?}");
+        } else {
+            assert!(
+                matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.contains("maxTaskAttempts") && r.contains("oom")),
+                "{ev:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn losing_an_executor_recomputes_only_its_outputs() {
+    let (mut s, now) = two_stage_job();
+    // map stages: a runs partition 0 of each, b partition 1 of each
+    run_all(&mut s, 1);
+    run_all(&mut s, 2);
+    assert_eq!(s.status(1), Some(StageStatus::Succeeded));
+    assert_eq!(s.status(2), Some(StageStatus::Succeeded));
+    assert_eq!(s.outputs_on("b"), HashMap::from([(1, vec![1]), (2, vec![1])]));
+    // the join starts on a, then b is lost
+    let join = s.assign("a", 1);
+    assert_eq!(join[0].0.stage, 3);
+    let ev = s.executor_lost("b", LossReason::Preempted);
+    assert!(s.failure().is_none(), "{ev:?}");
+    assert_eq!(s.status(3), Some(StageStatus::Unresolved));
+    // a new executor joins; only the two lost map partitions are offered
+    s.register_executor("c", "c:1", now);
+    let redo = s.assign("c", 8);
+    assert_eq!(
+        redo.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        vec![task(1, 1), task(2, 1)]
+    );
+    assert!(redo.iter().all(|(_, attempt)| *attempt == 1));
+    for (t, a) in redo {
+        s.task_succeeded(t, a, "c");
+    }
+    assert_eq!(s.launch_counts(1), (3, 1), "one recomputed map task in stage 1");
+    assert_eq!(s.status(3), Some(StageStatus::Running), "join resumes");
+    assert_eq!(s.epoch(3), 2, "join's plan must be re-resolved with new locations");
+    assert_eq!(
+        s.locations(1).unwrap(),
+        vec![("a".into(), "a:1".into()), ("c".into(), "c:1".into())]
+    );
+    // the join's running task on a is still valid; the other partition goes to anyone
+    assert_eq!(s.assign("c", 8), vec![(task(3, 1), 0)]);
+}
+
+#[test]
+fn a_preemption_does_not_count_against_task_attempts_but_a_failure_does() {
+    let (mut s, now) = two_stage_job();
+    let _ = s.assign("b", 8);
+    s.executor_lost("b", LossReason::Preempted);
+    s.register_executor("c", "c:1", now);
+    let _ = s.assign("c", 8);
+    s.executor_lost("c", LossReason::Failed);
+    assert!(s.failure().is_none());
+    s.register_executor("d", "d:1", now);
+    let _ = s.assign("d", 8);
+    let ev = s.executor_lost("d", LossReason::Failed);
+    assert!(
+        matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.contains("maxExecutorLosses")),
+        "{ev:?}"
+    );
+    assert!(!s.register_executor("d", "d:1", now), "a lost id cannot come back");
+}
+
+#[test]
+fn fetch_failure_resubmits_the_map_task_and_then_the_reader() {
+    let (mut s, _) = two_stage_job();
+    run_all(&mut s, 1);
+    run_all(&mut s, 2);
+    let (t, a) = s.assign("a", 1)[0];
+    assert_eq!(t.stage, 3);
+    let ev = s.task_failed(
+        t,
+        a,
+        "a",
+        TaskFailure::Fetch {
+            executor: "b".into(),
+            stage: 2,
+            map_partition: 1,
+        },
+    );
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(s.status(2), Some(StageStatus::Resolved));
+    assert_eq!(s.status(3), Some(StageStatus::Unresolved));
+    let redo = s.assign("a", 8);
+    assert_eq!(redo, vec![(task(2, 1), 1)]);
+    let (_, ev) = s.task_succeeded(task(2, 1), 1, "a");
+    assert!(ev.contains(&SchedulerEvent::StageResolved(3)));
+    let again: Vec<TaskId> = s.assign("a", 8).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(again, vec![task(3, 0), task(3, 1)]);
+}
+
+#[test]
+fn outputs_no_longer_needed_are_not_recomputed() {
+    let (mut s, _) = two_stage_job();
+    run_all(&mut s, 1);
+    run_all(&mut s, 2);
+    for exec in ["a", "b"] {
+        for (t, a) in s.assign(exec, 1) {
+            s.task_succeeded(t, a, exec);
+        }
+    }
+    assert_eq!(s.status(3), Some(StageStatus::Succeeded));
+    s.pin(3, true);
+    s.executor_lost("b", LossReason::Preempted);
+    // stage 3 is pinned (a result not yet fetched): its lost partition reruns, which needs
+    // the lost map outputs of 1 and 2 back first.
+    let redo: Vec<TaskId> = s.assign("a", 8).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(redo, vec![task(1, 1), task(2, 1)]);
+    // once released, a loss costs nothing
+    for (t, a) in [(task(1, 1), 1), (task(2, 1), 1)] {
+        s.task_succeeded(t, a, "a");
+    }
+    let last = s.assign("a", 8);
+    assert_eq!(last, vec![(task(3, 1), 1)]);
+    s.task_succeeded(task(3, 1), 1, "a");
+    s.release(3);
+    s.release(1);
+    s.release(2);
+    s.executor_lost("a", LossReason::Preempted);
+    assert!(s.assign("a", 8).is_empty());
+    assert_eq!(s.status(3), Some(StageStatus::Succeeded));
+}
+
+#[test]
+fn cached_partitions_are_read_where_they_live() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(policy());
+    s.register_executor("a", "a:1", now);
+    s.register_executor("b", "b:1", now);
+    s.add_stage(1, 2, vec![], None);
+    s.pin(1, true);
+    let (t0, a0) = s.assign("a", 1)[0];
+    let (t1, a1) = s.assign("b", 1)[0];
+    s.task_succeeded(t0, a0, "a");
+    s.task_succeeded(t1, a1, "b");
+    s.add_stage(2, 2, vec![1], Some(1));
+    // b asks first with room for both, but only gets the partition it holds
+    assert_eq!(s.assign("b", 2), vec![(task(2, 1), 0)]);
+    assert_eq!(s.assign("a", 2), vec![(task(2, 0), 0)]);
+}
+
+#[test]
+fn heartbeats_expire() {
+    let (mut s, now) = two_stage_job();
+    let later = now + Duration::from_secs(11);
+    s.heartbeat("a", later);
+    assert_eq!(s.expired(later, Duration::from_secs(10)), vec!["b".to_string()]);
+}

@@ -1,0 +1,228 @@
+//! The engine's error type: one enum, variants named after the action that failed.
+use datafusion::error::DataFusionError;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] kiln_api::Error),
+    /// An input could not be registered (bad URI, unreadable files, schema inference).
+    #[error("input `{input}` ({uri}): {source}")]
+    RegisterInput {
+        input: String,
+        uri: String,
+        source: DataFusionError,
+    },
+    /// A URI that Kiln cannot turn into an object store location.
+    #[error("`{uri}`: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    /// Building an object store client failed.
+    #[error("object store for `{uri}`: {source}")]
+    ObjectStore {
+        uri: String,
+        source: object_store::Error,
+    },
+    /// A step's SQL does not parse or plan.
+    #[error("step `{step}`: {source}")]
+    PlanStep {
+        step: String,
+        source: DataFusionError,
+    },
+    /// A shuffle or cached block could not be fetched from the executor holding it.
+    #[error("fetch of block {stage}/{map_partition}/{reduce_partition} from executor {executor} failed: {message}")]
+    FetchFailed {
+        executor: String,
+        stage: u32,
+        map_partition: u32,
+        reduce_partition: u32,
+        message: String,
+    },
+    /// The block store has no such block.
+    #[error("block {0} is not in this executor's block store")]
+    BlockNotFound(crate::blocks::BlockId),
+    /// Reading or writing a spilled block failed.
+    #[error("{action} spill file {path}: {source}")]
+    SpillIo {
+        action: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Arrow encoding or decoding failed.
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A plan could not be encoded for, or decoded on, an executor.
+    #[error("{action} plan of stage {stage}: {source}")]
+    CodecPlan {
+        action: &'static str,
+        stage: u32,
+        source: DataFusionError,
+    },
+    /// DataFusion failed while executing a plan.
+    #[error(transparent)]
+    Execute(#[from] DataFusionError),
+    /// A gRPC call failed.
+    #[error("{call}: {source}")]
+    Rpc {
+        call: &'static str,
+        source: Box<tonic::Status>,
+    },
+    /// Could not connect to a peer.
+    #[error("connect to {address}: {source}")]
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    /// Could not listen on an address.
+    #[error("listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    /// Serving a gRPC endpoint failed.
+    #[error("serve {what}: {source}")]
+    Serve {
+        what: &'static str,
+        source: tonic::transport::Error,
+    },
+    /// Starting or supervising a local executor process failed.
+    #[error("executor process {executor}: {source}")]
+    ExecutorProcess {
+        executor: String,
+        source: std::io::Error,
+    },
+    /// The output location already holds files and the mode forbids overwriting.
+    #[error("output.uri `{uri}` already holds files and output.mode is ErrorIfExists")]
+    OutputExists { uri: String },
+    /// Writing the job's output failed.
+    #[error("writing output to `{uri}`: {source}")]
+    WriteOutput {
+        uri: String,
+        source: object_store::Error,
+    },
+    /// The job failed; the reason says why (a task's error, a spent budget).
+    #[error("job failed: {reason}")]
+    JobFailed { reason: String },
+    /// The driver could not be reached or refused this executor.
+    #[error("driver: {0}")]
+    Driver(String),
+    /// Reading or writing a local file.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A short, stable category for metric labels and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Spec(e) => e.category(),
+            Error::RegisterInput { .. } => "RegisterInput",
+            Error::InvalidUri { .. } => "InvalidUri",
+            Error::ObjectStore { .. } => "ObjectStore",
+            Error::PlanStep { .. } => "PlanStep",
+            Error::FetchFailed { .. } => "FetchFailed",
+            Error::BlockNotFound(_) => "BlockNotFound",
+            Error::SpillIo { .. } => "SpillIo",
+            Error::Arrow(_) => "Arrow",
+            Error::CodecPlan { .. } => "CodecPlan",
+            Error::Execute(_) => "Execute",
+            Error::Rpc { .. } => "Rpc",
+            Error::Connect { .. } => "Connect",
+            Error::Bind { .. } => "Bind",
+            Error::Serve { .. } => "Serve",
+            Error::ExecutorProcess { .. } => "ExecutorProcess",
+            Error::OutputExists { .. } => "OutputExists",
+            Error::WriteOutput { .. } => "WriteOutput",
+            Error::JobFailed { .. } => "JobFailed",
+            Error::Driver(_) => "Driver",
+            Error::Io { .. } => "Io",
+        }
+    }
+
+    /// Wraps this error for returning through DataFusion's streams, so it can be found again
+    /// by [`find_kiln_error`].
+    pub fn into_datafusion(self) -> DataFusionError {
+        DataFusionError::External(Box::new(self))
+    }
+
+    pub(crate) fn rpc(call: &'static str, status: tonic::Status) -> Self {
+        Error::Rpc {
+            call,
+            source: Box::new(status),
+        }
+    }
+}
+
+/// Finds a Kiln error inside DataFusion's wrapping (External, Context, Shared, Arrow's
+/// ExternalError), by downcasting along the error's source chain, never by its text.
+pub fn find_kiln_error(e: &DataFusionError) -> Option<&Error> {
+    match e {
+        DataFusionError::External(inner) => inner
+            .downcast_ref::<Error>()
+            .or_else(|| find_in_dyn(inner.as_ref())),
+        DataFusionError::Context(_, inner) => find_kiln_error(inner),
+        DataFusionError::Shared(inner) => find_kiln_error(inner),
+        DataFusionError::ArrowError(inner, _) => find_in_dyn(inner.as_ref()),
+        other => std::error::Error::source(other).and_then(find_in_dyn),
+    }
+}
+
+fn find_in_dyn<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
+    loop {
+        if let Some(k) = e.downcast_ref::<Error>() {
+            return Some(k);
+        }
+        if let Some(d) = e.downcast_ref::<DataFusionError>() {
+            return find_kiln_error(d);
+        }
+        e = e.source()?;
+    }
+}
+
+/// Result with the engine's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn fetch_failed_survives_datafusion_wrapping() {
+        let fetch = Error::FetchFailed {
+            executor: "exec-2".into(),
+            stage: 3,
+            map_partition: 7,
+            reduce_partition: 1,
+            message: "connection refused".into(),
+        };
+        let wrapped = DataFusionError::Context(
+            "while running HashJoinExec".into(),
+            Box::new(DataFusionError::Shared(Arc::new(fetch.into_datafusion()))),
+        );
+        match find_kiln_error(&wrapped) {
+            Some(Error::FetchFailed {
+                executor,
+                stage,
+                map_partition,
+                ..
+            }) => assert_eq!((executor.as_str(), *stage, *map_partition), ("exec-2", 3, 7)),
+            other => panic!("not found: {other:?}"),
+        }
+        let arrow = DataFusionError::ArrowError(
+            Box::new(arrow::error::ArrowError::ExternalError(Box::new(
+                Error::BlockNotFound(crate::blocks::BlockId::new(1, 2, 3)),
+            ))),
+            None,
+        );
+        assert!(matches!(
+            find_kiln_error(&arrow),
+            Some(Error::BlockNotFound(_))
+        ));
+        assert!(find_kiln_error(&DataFusionError::Plan("x".into())).is_none());
+    }
+}

@@ -1,0 +1,12 @@
+//! Planning: splitting physical plans into stages, the sink node, and the codec that ships
+//! stage plans to executors.
+mod codec;
+mod sink;
+mod stages;
+
+pub use codec::KilnCodec;
+pub use sink::{SinkExec, part_file_name};
+pub use stages::{FinalOutput, Stage, StagePlanner};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+//! The root of a job's last stage when it has an output: writes one partition of its input
+//! as `part-NNNNN.<ext>` under the output location. A retried task overwrites the same file,
+//! so output is never duplicated.
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::listing::ListingTableUrl;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    ExecutionPlanProperties,
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::StreamExt;
+use kiln_api::OutputFormat;
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use tokio::io::AsyncWriteExt;
+
+use crate::shuffle::{write_stats, write_stats_schema};
+
+/// Writes each input partition to one file under `uri`.
+#[derive(Debug)]
+pub struct SinkExec {
+    input: Arc<dyn ExecutionPlan>,
+    uri: String,
+    format: OutputFormat,
+    props: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+/// The file a partition is written to, relative to the output location.
+pub fn part_file_name(partition: usize, format: OutputFormat) -> String {
+    format!("part-{partition:05}.{}", format.extension())
+}
+
+impl SinkExec {
+    /// A sink of `input` into the directory `uri`.
+    pub fn new(input: Arc<dyn ExecutionPlan>, uri: String, format: OutputFormat) -> Self {
+        let props = PlanProperties::new(
+            EquivalenceProperties::new(write_stats_schema()),
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        Self {
+            input,
+            uri,
+            format,
+            props: Arc::new(props),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+
+    /// The output location.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The file format.
+    pub fn format(&self) -> OutputFormat {
+        self.format
+    }
+}
+
+impl DisplayAs for SinkExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "SinkExec: uri={}, format={:?}", self.uri, self.format)
+    }
+}
+
+impl ExecutionPlan for SinkExec {
+    fn name(&self) -> &'static str {
+        "SinkExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self::new(
+            children.remove(0),
+            self.uri.clone(),
+            self.format,
+        )))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let url = ListingTableUrl::parse(&self.uri)?;
+        let store = context.runtime_env().object_store(url.object_store())?;
+        let path = url.prefix().child(part_file_name(partition, self.format));
+        let input = self.input.execute(partition, context)?;
+        let written = MetricBuilder::new(&self.metrics).counter("output_bytes", partition);
+        let format = self.format;
+        let schema = self.input.schema();
+        let fut = async move {
+            let (rows, bytes) = write_partition(input, schema, format, store, path, partition).await?;
+            written.add(bytes as usize);
+            write_stats(vec![(partition as u32, rows, bytes)])
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            write_stats_schema(),
+            futures::stream::once(fut),
+        )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+}
+
+async fn write_partition(
+    mut input: SendableRecordBatchStream,
+    schema: SchemaRef,
+    format: OutputFormat,
+    store: Arc<dyn object_store::ObjectStore>,
+    path: Path,
+    partition: usize,
+) -> DfResult<(u64, u64)> {
+    // Peek at the first batch: empty partitions write no file, except partition 0 so that
+    // an empty result still leaves a readable file with its schema.
+    let first = match input.next().await {
+        Some(b) => Some(b?),
+        None if partition == 0 => None,
+        None => return Ok((0, 0)),
+    };
+    let out = BufWriter::new(store.clone(), path.clone());
+    let mut rows = 0u64;
+    let mut bytes = 0u64;
+    match format {
+        OutputFormat::Parquet => {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                .build();
+            let mut w = AsyncArrowWriter::try_new(out, schema, Some(props))?;
+            if let Some(b) = first {
+                rows += b.num_rows() as u64;
+                w.write(&b).await?;
+            }
+            while let Some(b) = input.next().await {
+                let b = b?;
+                rows += b.num_rows() as u64;
+                w.write(&b).await?;
+            }
+            bytes += w.bytes_written() as u64;
+            w.close().await?;
+        }
+        OutputFormat::Csv | OutputFormat::Json => {
+            let mut out = out;
+            let mut header = true;
+            let mut pending = first;
+            loop {
+                let batch = match pending.take() {
+                    Some(b) => b,
+                    None => match input.next().await {
+                        Some(b) => b?,
+                        None => break,
+                    },
+                };
+                let mut buf = Vec::new();
+                if format == OutputFormat::Csv {
+                    let mut w = arrow::csv::WriterBuilder::new()
+                        .with_header(header)
+                        .build(&mut buf);
+                    w.write(&batch)?;
+                } else {
+                    let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+                    w.write(&batch)?;
+                    w.finish()?;
+                }
+                header = false;
+                rows += batch.num_rows() as u64;
+                bytes += buf.len() as u64;
+                out.write_all(&buf).await.map_err(DataFusionError::IoError)?;
+            }
+            if header && format == OutputFormat::Csv {
+                let mut buf = Vec::new();
+                arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf)
+                    .write(&arrow::array::RecordBatch::new_empty(schema))?;
+                out.write_all(&buf).await.map_err(DataFusionError::IoError)?;
+            }
+            out.shutdown().await.map_err(DataFusionError::IoError)?;
+        }
+    }
+    Ok((rows, bytes))
+}

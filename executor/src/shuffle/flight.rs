@@ -1,0 +1,168 @@
+//! Blocks over Arrow Flight: each executor serves its block store with `do_get` (the ticket
+//! names the block); readers and the driver fetch with [`PeerClients`].
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use datafusion::physical_plan::metrics::Count;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::blocks::{BlockId, BlockStore};
+use crate::{Error, Result};
+
+type BoxedFlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Serves an executor's blocks.
+pub struct BlockFlightService {
+    store: Arc<BlockStore>,
+}
+
+impl BlockFlightService {
+    /// A service over `store`.
+    pub fn new(store: Arc<BlockStore>) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl FlightService for BlockFlightService {
+    type HandshakeStream = BoxedFlightStream<HandshakeResponse>;
+    type ListFlightsStream = BoxedFlightStream<FlightInfo>;
+    type DoGetStream = BoxedFlightStream<FlightData>;
+    type DoPutStream = BoxedFlightStream<PutResult>;
+    type DoActionStream = BoxedFlightStream<arrow_flight::Result>;
+    type ListActionsStream = BoxedFlightStream<ActionType>;
+    type DoExchangeStream = BoxedFlightStream<FlightData>;
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let ticket = request.into_inner().ticket;
+        let id = BlockId::from_ticket(&ticket)
+            .ok_or_else(|| Status::invalid_argument("ticket is not a block id"))?;
+        let (schema, batches) = self.store.get(id).await.map_err(|e| match e {
+            Error::BlockNotFound(_) => Status::not_found(e.to_string()),
+            other => Status::internal(other.to_string()),
+        })?;
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(futures::stream::iter(batches.into_iter().map(Ok)))
+            .map_err(|e| Status::internal(e.to_string()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented("handshake"))
+    }
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        Err(Status::unimplemented("list_flights"))
+    }
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        Err(Status::unimplemented("get_flight_info"))
+    }
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented("poll_flight_info"))
+    }
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        Err(Status::unimplemented("get_schema"))
+    }
+    async fn do_put(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::unimplemented("do_put"))
+    }
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        Err(Status::unimplemented("do_action"))
+    }
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        Err(Status::unimplemented("list_actions"))
+    }
+    async fn do_exchange(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("do_exchange"))
+    }
+}
+
+/// Flight clients to other executors, one channel per address.
+#[derive(Default)]
+pub struct PeerClients {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerClients {
+    fn channel(&self, address: &str) -> Result<Channel> {
+        let mut channels = self.channels.lock().unwrap();
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|source| Error::Connect {
+                address: address.into(),
+                source,
+            })?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.into(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Streams one block from the executor at `address`, counting the bytes received.
+    pub async fn fetch(
+        &self,
+        address: &str,
+        id: BlockId,
+        received: Count,
+    ) -> Result<BoxStream<'static, Result<RecordBatch, FlightError>>> {
+        let mut client = FlightServiceClient::new(self.channel(address)?)
+            .max_decoding_message_size(usize::MAX);
+        let response = client
+            .do_get(Ticket::new(id.ticket()))
+            .await
+            .map_err(|s| Error::rpc("do_get", s))?;
+        let data = response.into_inner().map(move |d| {
+            let d = d.map_err(FlightError::from)?;
+            received.add(d.data_body.len() + d.data_header.len());
+            Ok(d)
+        });
+        Ok(FlightRecordBatchStream::new_from_flight_data(data).boxed())
+    }
+}

@@ -1,0 +1,244 @@
+//! The reduce side of a shuffle, and the scan of cached datasets: fetches the blocks a
+//! partition needs from the executors holding them (its own store without a network hop).
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+
+use super::ShuffleEnv;
+use crate::Error;
+use crate::blocks::BlockId;
+
+/// Blocks fetched at once by one reader partition.
+const FETCH_CONCURRENCY: usize = 4;
+
+/// Which blocks a reader partition reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Partition `r` reads block `(stage, m, r)` of every map task `m`.
+    Hash,
+    /// Partition `p` reads block `(stage, p, 0)`: the whole output of map task `p`.
+    PassThrough,
+}
+
+/// Where one map task's output lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// The executor holding it.
+    pub executor: String,
+    /// Its Flight address (`host:port`).
+    pub address: String,
+}
+
+/// Reads the output of an upstream stage. Planned with no locations; the driver fills them in
+/// (one per map partition) before it ships the consuming stage.
+#[derive(Debug)]
+pub struct ShuffleReaderExec {
+    stage: u32,
+    schema: SchemaRef,
+    mode: ReadMode,
+    partitions: usize,
+    locations: Option<Vec<Location>>,
+    props: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl ShuffleReaderExec {
+    /// A reader of `stage` with `partitions` output partitions.
+    pub fn new(
+        stage: u32,
+        schema: SchemaRef,
+        mode: ReadMode,
+        partitions: usize,
+        locations: Option<Vec<Location>>,
+    ) -> Self {
+        let props = PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(partitions),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Self {
+            stage,
+            schema,
+            mode,
+            partitions,
+            locations,
+            props: Arc::new(props),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+
+    /// The stage it reads.
+    pub fn stage(&self) -> u32 {
+        self.stage
+    }
+
+    /// How it reads.
+    pub fn mode(&self) -> ReadMode {
+        self.mode
+    }
+
+    /// Its output partitions.
+    pub fn partitions(&self) -> usize {
+        self.partitions
+    }
+
+    /// Map-output locations (one per map partition), None until resolved.
+    pub fn locations(&self) -> Option<&[Location]> {
+        self.locations.as_deref()
+    }
+
+    /// A copy with the given map-output locations.
+    pub fn resolved(&self, locations: Vec<Location>) -> Self {
+        Self::new(
+            self.stage,
+            self.schema.clone(),
+            self.mode,
+            self.partitions,
+            Some(locations),
+        )
+    }
+}
+
+impl DisplayAs for ShuffleReaderExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "ShuffleReaderExec: stage={}, mode={:?}, partitions={}",
+            self.stage, self.mode, self.partitions
+        )
+    }
+}
+
+impl ExecutionPlan for ShuffleReaderExec {
+    fn name(&self) -> &'static str {
+        "ShuffleReaderExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let Some(locations) = &self.locations else {
+            return Err(DataFusionError::Internal(format!(
+                "reader of stage {} was shipped before its inputs were resolved",
+                self.stage
+            )));
+        };
+        let env = ShuffleEnv::from_task(&context)?;
+        let blocks: Vec<(BlockId, Location)> = match self.mode {
+            ReadMode::Hash => locations
+                .iter()
+                .enumerate()
+                .map(|(m, l)| (BlockId::new(self.stage, m as u32, partition as u32), l.clone()))
+                .collect(),
+            ReadMode::PassThrough => vec![(
+                BlockId::new(self.stage, partition as u32, 0),
+                locations
+                    .get(partition)
+                    .cloned()
+                    .ok_or_else(|| {
+                        DataFusionError::Internal(format!(
+                            "stage {} has no partition {partition}",
+                            self.stage
+                        ))
+                    })?,
+            )],
+        };
+        let counters = FetchCounters {
+            remote: MetricBuilder::new(&self.metrics).counter("remote_bytes_fetched", partition),
+            local: MetricBuilder::new(&self.metrics).counter("local_bytes_fetched", partition),
+        };
+        let stream = futures::stream::iter(blocks)
+            .map(move |(id, loc)| fetch(env.clone(), id, loc, counters.clone()))
+            .buffered(FETCH_CONCURRENCY)
+            .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+}
+
+#[derive(Clone)]
+struct FetchCounters {
+    remote: Count,
+    local: Count,
+}
+
+fn fetch_failed(id: BlockId, loc: &Location, message: String) -> DataFusionError {
+    Error::FetchFailed {
+        executor: loc.executor.clone(),
+        stage: id.stage,
+        map_partition: id.map,
+        reduce_partition: id.reduce,
+        message,
+    }
+    .into_datafusion()
+}
+
+async fn fetch(
+    env: Arc<ShuffleEnv>,
+    id: BlockId,
+    loc: Location,
+    counters: FetchCounters,
+) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>> {
+    if loc.executor == env.executor_id {
+        let (_, batches) = env
+            .store
+            .get(id)
+            .await
+            .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
+        let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+        counters.local.add(bytes);
+        return Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed());
+    }
+    let stream = env
+        .peers
+        .fetch(&loc.address, id, counters.remote)
+        .await
+        .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
+    Ok(stream
+        .map_err(move |e| fetch_failed(id, &loc, e.to_string()))
+        .boxed())
+}

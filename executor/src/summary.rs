@@ -1,0 +1,136 @@
+//! The job summary: what the driver reports when a job ends (printed by `kiln run`, written
+//! as the driver pod's termination message, copied into the ComputeJob's status).
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Counters of one stage, summed over its successful task attempts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageCounters {
+    /// Bytes of shuffle or cached blocks written.
+    pub shuffle_bytes_written: u64,
+    /// Bytes fetched from other executors over Flight.
+    pub remote_bytes_fetched: u64,
+    /// Bytes read from the task's own executor's block store.
+    pub local_bytes_fetched: u64,
+    /// Times operators spilled to disk.
+    pub spill_count: u64,
+    /// Bytes operators spilled.
+    pub spilled_bytes: u64,
+    /// Rows the stage produced.
+    pub output_rows: u64,
+    /// Output files written (sink stages).
+    pub files_written: u64,
+}
+
+impl StageCounters {
+    /// Adds another set of counters.
+    pub fn add(&mut self, o: &StageCounters) {
+        self.shuffle_bytes_written += o.shuffle_bytes_written;
+        self.remote_bytes_fetched += o.remote_bytes_fetched;
+        self.local_bytes_fetched += o.local_bytes_fetched;
+        self.spill_count += o.spill_count;
+        self.spilled_bytes += o.spilled_bytes;
+        self.output_rows += o.output_rows;
+        self.files_written += o.files_written;
+    }
+}
+
+/// One stage of the job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageSummary {
+    /// Stage id.
+    pub id: u32,
+    /// The step it belongs to.
+    pub step: String,
+    /// Operators it runs.
+    pub description: String,
+    /// Partitions (one task each).
+    pub tasks: u64,
+    /// Task attempts launched (more than `tasks` after retries or recomputation).
+    pub attempts: u64,
+    /// Attempts that re-ran a partition whose output had been lost.
+    pub recomputed: u64,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: StageCounters,
+}
+
+/// Totals over all stages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    /// Partitions over all stages.
+    pub tasks: u64,
+    /// Task attempts launched.
+    pub attempts: u64,
+    /// Attempts that recomputed lost partitions.
+    pub recomputed: u64,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: StageCounters,
+}
+
+/// One step of the job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepSummary {
+    /// Step name.
+    pub name: String,
+    /// Whether its result was cached.
+    pub cached: bool,
+    /// Stages run for it.
+    pub stages: Vec<u32>,
+    /// Partitions of those stages.
+    pub tasks: u64,
+    /// Attempts launched for those stages.
+    pub attempts: u64,
+}
+
+/// What the job wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSummary {
+    /// Output location.
+    pub uri: String,
+    /// Rows written.
+    pub rows: u64,
+    /// Files written.
+    pub files: u64,
+}
+
+/// Executors lost and what it cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoverySummary {
+    /// Executors lost, by reason.
+    pub executors_lost: BTreeMap<String, u64>,
+    /// Ids of the lost executors, in order.
+    pub lost: Vec<String>,
+}
+
+/// The summary of one job run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSummary {
+    /// Whether the job succeeded.
+    pub succeeded: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Wall time of the job, planning included.
+    pub elapsed_ms: u64,
+    /// Executors that registered.
+    pub executors: u64,
+    /// Every stage run.
+    pub stages: Vec<StageSummary>,
+    /// Totals.
+    pub totals: Totals,
+    /// Per step.
+    pub steps: Vec<StepSummary>,
+    /// The output, when the job has one.
+    pub output: Option<OutputSummary>,
+    /// Losses and recomputation.
+    pub recovery: RecoverySummary,
+}
