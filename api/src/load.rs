@@ -82,9 +82,7 @@ executors: {count: 3, memory: 512Mi}
     fn manifest_spec_is_the_job() {
         let manifest = format!(
             "apiVersion: kiln.dev/v1alpha1\nkind: ComputeJob\nmetadata: {{name: wc}}\nspec:\n{}",
-            BARE.lines()
-                .map(|l| format!("  {l}\n"))
-                .collect::<String>()
+            BARE.lines().map(|l| format!("  {l}\n")).collect::<String>()
         );
         assert_eq!(parse_job(&manifest).unwrap(), parse_job(BARE).unwrap());
     }

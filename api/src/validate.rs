@@ -149,10 +149,7 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
         if let Some(from) = &out.from
             && !spec.steps.iter().any(|s| &s.name == from)
         {
-            err(
-                "output.from".into(),
-                format!("no step is named `{from}`"),
-            );
+            err("output.from".into(), format!("no step is named `{from}`"));
         }
         if out.uri.trim().is_empty() {
             err("output.uri".into(), "must not be empty".into());

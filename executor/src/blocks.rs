@@ -103,7 +103,10 @@ pub struct BlockMeta {
 }
 
 fn batches_size(batches: &[RecordBatch]) -> u64 {
-    batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
+    batches
+        .iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
 }
 
 impl BlockStore {
@@ -158,10 +161,7 @@ impl BlockStore {
             let mut inner = self.inner.lock().unwrap();
             inner.clock += 1;
             let last_use = inner.clock;
-            let block = inner
-                .blocks
-                .get_mut(&id)
-                .ok_or(Error::BlockNotFound(id))?;
+            let block = inner.blocks.get_mut(&id).ok_or(Error::BlockNotFound(id))?;
             block.segments.push(Segment {
                 data: Data::Memory(batches),
                 bytes: meta.bytes,

@@ -30,7 +30,9 @@ pub enum Error {
         source: DataFusionError,
     },
     /// A shuffle or cached block could not be fetched from the executor holding it.
-    #[error("fetch of block {stage}/{map_partition}/{reduce_partition} from executor {executor} failed: {message}")]
+    #[error(
+        "fetch of block {stage}/{map_partition}/{reduce_partition} from executor {executor} failed: {message}"
+    )]
     FetchFailed {
         executor: String,
         stage: u32,
@@ -210,7 +212,10 @@ mod tests {
                 stage,
                 map_partition,
                 ..
-            }) => assert_eq!((executor.as_str(), *stage, *map_partition), ("exec-2", 3, 7)),
+            }) => assert_eq!(
+                (executor.as_str(), *stage, *map_partition),
+                ("exec-2", 3, 7)
+            ),
             other => panic!("not found: {other:?}"),
         }
         let arrow = DataFusionError::ArrowError(

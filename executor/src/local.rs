@@ -80,7 +80,15 @@ impl LocalCluster {
                     source,
                 })?;
                 let mut child = tokio::process::Command::new(&opts.program)
-                    .args(["executor", "--driver", &url, "--id", &id, "--host", "127.0.0.1"])
+                    .args([
+                        "executor",
+                        "--driver",
+                        &url,
+                        "--id",
+                        &id,
+                        "--host",
+                        "127.0.0.1",
+                    ])
                     .arg("--work-dir")
                     .arg(&dir)
                     .env("KILN_TOKEN", &token)

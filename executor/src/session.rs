@@ -59,6 +59,9 @@ pub fn session_config(spec: &JobSpec) -> SessionConfig {
     o.optimizer.enable_topk_dynamic_filter_pushdown = false;
     o.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
     o.optimizer.repartition_file_scans = true;
+    // Each task runs one partition alone: a partition must read only its own file group,
+    // never steal its siblings' files (they are read by other tasks).
+    o.execution.enable_file_stream_work_stealing = false;
     let broadcast = parse_memory(&spec.broadcast_join_threshold).unwrap_or(10 << 20);
     o.optimizer.hash_join_single_partition_threshold = broadcast as usize;
     o.optimizer.hash_join_single_partition_threshold_rows = usize::MAX;
@@ -107,7 +110,9 @@ pub fn register_object_stores(runtime: &RuntimeEnv, spec: &JobSpec) -> Result<()
             other => {
                 return Err(Error::InvalidUri {
                     uri: uri.into(),
-                    reason: format!("unsupported scheme `{other}` (use a path, file://, http(s):// or s3://)"),
+                    reason: format!(
+                        "unsupported scheme `{other}` (use a path, file://, http(s):// or s3://)"
+                    ),
                 });
             }
         };
@@ -192,7 +197,10 @@ async fn register_input(ctx: &SessionContext, input: &InputSpec) -> DfResult<()>
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(schema);
-    ctx.register_table(input.name.as_str(), Arc::new(ListingTable::try_new(config)?))?;
+    ctx.register_table(
+        input.name.as_str(),
+        Arc::new(ListingTable::try_new(config)?),
+    )?;
     Ok(())
 }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow_flight::flight_service_server::FlightServiceServer;
-use datafusion::error::DataFusionError;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::error::DataFusionError;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec;
@@ -246,6 +246,12 @@ async fn execute(
 ) -> Result<rpc::TaskMetrics, DataFusionError> {
     let task_ctx = ctx.task_ctx();
     let plan = physical_plan_from_bytes_with_extension_codec(&task.plan, &task_ctx, &KilnCodec)?;
+    tracing::trace!(
+        stage = task.stage_id,
+        partition = task.partition,
+        plan = %datafusion::physical_plan::displayable(plan.as_ref()).indent(true),
+        "task plan"
+    );
     let stream = plan.execute(task.partition as usize, task_ctx)?;
     let batches: Vec<RecordBatch> = stream.try_collect().await?;
     let stats = read_write_stats(&batches);

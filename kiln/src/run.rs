@@ -62,7 +62,11 @@ fn resolve_paths(spec: &mut JobSpec, base: &Path) {
 }
 
 /// Renders at most `max` rows as a table.
-pub fn format_rows(schema: &SchemaRef, batches: &[RecordBatch], max: usize) -> anyhow::Result<String> {
+pub fn format_rows(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    max: usize,
+) -> anyhow::Result<String> {
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
     let mut shown = Vec::new();
     let mut left = max;

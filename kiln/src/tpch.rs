@@ -15,12 +15,9 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use arrow::array::{
-    ArrayRef, Date32Array, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    StringViewArray,
-};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use anyhow::{Context, Result, ensure};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -29,9 +26,6 @@ use tpchgen::generators::{
     CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartGenerator,
     PartSuppGenerator, RegionGenerator, SupplierGenerator,
 };
-// `tpchgen-arrow` builds its batches with its own `arrow` (re-exported here as `tpch_arrow`),
-// which need not be the version the rest of Kiln uses; batches are copied across by value.
-use tpchgen_arrow::arrow as tpch_arrow;
 
 /// Largest number of rows in one Parquet row group of a generated table.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
@@ -55,9 +49,8 @@ enum Table {
     Region,
 }
 
-/// A generator's batches, in the `arrow` version of `tpchgen-arrow`.
-type SourceBatches =
-    Box<dyn Iterator<Item = Result<tpch_arrow::array::RecordBatch, tpch_arrow::error::ArrowError>>>;
+/// A generator's batches (`tpchgen-arrow` is built against Kiln's `arrow`).
+type SourceBatches = Box<dyn Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>>;
 
 impl Table {
     /// All tables, largest first, so the longest job starts first.
@@ -100,7 +93,7 @@ impl Table {
         rows.max(0) as u64
     }
 
-    fn schema(self) -> tpch_arrow::datatypes::SchemaRef {
+    fn schema(self) -> SchemaRef {
         use tpchgen_arrow::*;
         match self {
             Table::LineItem => LineItemArrow::schema_ref(),
@@ -260,7 +253,7 @@ fn write_table(table: Table, scale: f64, out: &Path, bar: &ProgressBar) -> Resul
 
 /// Streams the table's batches from a generator thread into a Parquet file at `path`.
 fn write_parquet(table: Table, scale: f64, path: &Path, bar: &ProgressBar) -> Result<u64> {
-    let schema = convert_schema(&table.schema())?;
+    let schema = table.schema();
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -270,15 +263,12 @@ fn write_parquet(table: Table, scale: f64, path: &Path, bar: &ProgressBar) -> Re
     let (tx, rx) = sync_channel::<Result<RecordBatch>>(CHANNEL_BATCHES);
 
     let rows = std::thread::scope(|scope| -> Result<u64> {
-        let producer_schema = Arc::clone(&schema);
         scope.spawn(move || {
             for batch in table.batches(scale) {
-                let converted = batch
-                    .map_err(anyhow::Error::from)
-                    .and_then(|b| convert_batch(&b, &producer_schema));
-                let failed = converted.is_err();
+                let batch = batch.map_err(anyhow::Error::from);
+                let failed = batch.is_err();
                 // A closed channel means the writer failed and stopped reading: stop too.
-                if tx.send(converted).is_err() || failed {
+                if tx.send(batch).is_err() || failed {
                     break;
                 }
             }
@@ -297,81 +287,6 @@ fn write_parquet(table: Table, scale: f64, path: &Path, bar: &ProgressBar) -> Re
     })?;
     writer.close()?;
     Ok(rows)
-}
-
-/// The schema of a generated table, in Kiln's `arrow`.
-fn convert_schema(schema: &tpch_arrow::datatypes::Schema) -> Result<SchemaRef> {
-    let fields = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            Ok(Field::new(
-                f.name(),
-                convert_type(f.data_type())?,
-                f.is_nullable(),
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Arc::new(Schema::new(fields)))
-}
-
-fn convert_type(data_type: &tpch_arrow::datatypes::DataType) -> Result<DataType> {
-    use tpch_arrow::datatypes::DataType as T;
-    Ok(match data_type {
-        T::Int32 => DataType::Int32,
-        T::Int64 => DataType::Int64,
-        T::Date32 => DataType::Date32,
-        T::Decimal128(precision, scale) => DataType::Decimal128(*precision, *scale),
-        T::Utf8 => DataType::Utf8,
-        T::Utf8View => DataType::Utf8View,
-        other => bail!("unexpected column type {other} in generated TPC-H data"),
-    })
-}
-
-/// Copies a column of primitives: the values buffer when there are no nulls, else by element.
-macro_rules! copy_primitive {
-    ($column:expr, $source:ty, $target:ty) => {{
-        let array = $column.as_primitive::<$source>();
-        if array.null_count() == 0 {
-            <$target>::from(array.values().to_vec())
-        } else {
-            array.iter().collect::<$target>()
-        }
-    }};
-}
-
-/// Copies a batch built with `tpchgen-arrow`'s `arrow` into Kiln's `arrow`.
-fn convert_batch(
-    batch: &tpch_arrow::array::RecordBatch,
-    schema: &SchemaRef,
-) -> Result<RecordBatch> {
-    use tpch_arrow::array::{Array as _, AsArray as _};
-    use tpch_arrow::datatypes as t;
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|column| -> Result<ArrayRef> {
-            Ok(match column.data_type() {
-                t::DataType::Int32 => Arc::new(copy_primitive!(column, t::Int32Type, Int32Array)),
-                t::DataType::Int64 => Arc::new(copy_primitive!(column, t::Int64Type, Int64Array)),
-                t::DataType::Date32 => {
-                    Arc::new(copy_primitive!(column, t::Date32Type, Date32Array))
-                }
-                t::DataType::Decimal128(precision, scale) => Arc::new(
-                    copy_primitive!(column, t::Decimal128Type, Decimal128Array)
-                        .with_precision_and_scale(*precision, *scale)?,
-                ),
-                t::DataType::Utf8 => {
-                    Arc::new(column.as_string::<i32>().iter().collect::<StringArray>())
-                }
-                t::DataType::Utf8View => {
-                    Arc::new(column.as_string_view().iter().collect::<StringViewArray>())
-                }
-                other => bail!("unexpected column type {other} in generated TPC-H data"),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::view::ViewTable;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::metrics::Count;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
@@ -62,7 +61,10 @@ async fn check_steps<'a>(spec: &'a JobSpec, ctx: &SessionContext) -> Result<Vec<
     let mut deps: HashMap<String, BTreeSet<String>> = HashMap::new();
     for step in &spec.steps {
         let df = ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
-        deps.insert(step.name.to_ascii_lowercase(), referenced_tables(df.logical_plan()));
+        deps.insert(
+            step.name.to_ascii_lowercase(),
+            referenced_tables(df.logical_plan()),
+        );
         let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
         ctx.register_table(step.name.as_str(), Arc::new(view))
             .map_err(plan_err(&step.name))?;
@@ -105,7 +107,10 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
                 .map_err(plan_err(&step.name))?;
             continue;
         }
-        let plan = df.create_physical_plan().await.map_err(plan_err(&step.name))?;
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(plan_err(&step.name))?;
         let out_schema = plan.schema();
         let sink = spec.output.as_ref().filter(|_| is_target);
         let final_output = match sink {
@@ -124,8 +129,11 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
         let final_stage = run_stages(shared, &step.name, stages, sink.is_none()).await?;
         if step.cache != CacheLevel::None {
             let partitions = shared.state.lock().unwrap().stages[&final_stage].partitions;
-            let table: Arc<dyn TableProvider> =
-                Arc::new(CachedTable::new(final_stage, out_schema.clone(), partitions));
+            let table: Arc<dyn TableProvider> = Arc::new(CachedTable::new(
+                final_stage,
+                out_schema.clone(),
+                partitions,
+            ));
             ctx.register_table(step.name.as_str(), table)
                 .map_err(plan_err(&step.name))?;
         }
@@ -191,6 +199,12 @@ async fn run_stages(
     {
         let mut state = shared.state.lock().unwrap();
         for stage in stages {
+            tracing::debug!(
+                stage = stage.id,
+                step,
+                plan = %datafusion::physical_plan::displayable(stage.plan.as_ref()).indent(true),
+                "stage planned"
+            );
             let preferred = preferred_input(&stage);
             shared.emit(Progress::StageSubmitted {
                 stage: stage.id,
@@ -209,10 +223,9 @@ async fn run_stages(
                     counters: Default::default(),
                 },
             );
-            let events =
-                state
-                    .sched
-                    .add_stage(stage.id, stage.partitions, stage.inputs, preferred);
+            let events = state
+                .sched
+                .add_stage(stage.id, stage.partitions, stage.inputs, preferred);
             shared.handle(events);
         }
         state.sched.pin(final_stage, keep_final);
@@ -309,11 +322,12 @@ async fn prepare_output(ctx: &SessionContext, out: &OutputSpec) -> Result<()> {
         uri: out.uri.clone(),
         source,
     };
-    let existing: Vec<object_store::ObjectMeta> = match store.list(Some(&prefix)).try_collect().await {
-        Ok(v) => v,
-        Err(object_store::Error::NotFound { .. }) => Vec::new(),
-        Err(e) => return Err(write_err(e)),
-    };
+    let existing: Vec<object_store::ObjectMeta> =
+        match store.list(Some(&prefix)).try_collect().await {
+            Ok(v) => v,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(write_err(e)),
+        };
     if existing.is_empty() {
         return Ok(());
     }
@@ -324,9 +338,10 @@ async fn prepare_output(ctx: &SessionContext, out: &OutputSpec) -> Result<()> {
     }
     for meta in existing {
         let name = meta.location.filename().unwrap_or_default();
-        let direct = meta.location.prefix_match(&prefix).is_some_and(|mut rest| {
-            rest.next().is_some() && rest.next().is_none()
-        });
+        let direct = meta
+            .location
+            .prefix_match(&prefix)
+            .is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none());
         if direct && (name.starts_with("part-") || name == "_SUCCESS") {
             store.delete(&meta.location).await.map_err(write_err)?;
         }
@@ -342,7 +357,7 @@ async fn finish_output(
 ) -> Result<OutputSummary> {
     let (store, prefix) = output_store(ctx, out)?;
     store
-        .put(&prefix.child("_SUCCESS"), PutPayload::default())
+        .put(&prefix.clone().join("_SUCCESS"), PutPayload::default())
         .await
         .map_err(|source| Error::WriteOutput {
             uri: out.uri.clone(),

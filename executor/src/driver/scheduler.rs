@@ -437,7 +437,11 @@ impl Scheduler {
                     .stages
                     .get(&stage)
                     .and_then(|s| s.tasks.get(map_partition as usize))
-                    .is_some_and(|t| *t == TaskState::Done { executor: holder.clone() });
+                    .is_some_and(|t| {
+                        *t == TaskState::Done {
+                            executor: holder.clone(),
+                        }
+                    });
                 if held_there {
                     events.extend(self.lose_outputs(&[(stage, map_partition)]));
                 }
@@ -467,7 +471,10 @@ impl Scheduler {
         let mut events = Vec::new();
         let max_attempts = self.policy.max_task_attempts;
         for task in info.running {
-            let s = self.stages.get_mut(&task.stage).expect("running task has a stage");
+            let s = self
+                .stages
+                .get_mut(&task.stage)
+                .expect("running task has a stage");
             let p = task.partition as usize;
             s.tasks[p] = TaskState::Pending;
             if reason != LossReason::Preempted {
@@ -487,10 +494,13 @@ impl Scheduler {
             .stages
             .iter()
             .flat_map(|(sid, s)| {
-                s.tasks.iter().enumerate().filter_map(move |(p, t)| match t {
-                    TaskState::Done { executor } if executor == id => Some((*sid, p as u32)),
-                    _ => None,
-                })
+                s.tasks
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(p, t)| match t {
+                        TaskState::Done { executor } if executor == id => Some((*sid, p as u32)),
+                        _ => None,
+                    })
             })
             .collect();
         events.extend(self.lose_outputs(&held));
@@ -563,10 +573,11 @@ impl Scheduler {
     }
 
     fn inputs_complete(&self, stage: u32) -> bool {
-        self.stages[&stage]
-            .inputs
-            .iter()
-            .all(|i| self.stages.get(i).is_some_and(|s| s.status == StageStatus::Succeeded))
+        self.stages[&stage].inputs.iter().all(|i| {
+            self.stages
+                .get(i)
+                .is_some_and(|s| s.status == StageStatus::Succeeded)
+        })
     }
 
     fn refresh(&mut self) -> Vec<SchedulerEvent> {

@@ -102,7 +102,10 @@ fn losing_an_executor_recomputes_only_its_outputs() {
     run_all(&mut s, 2);
     assert_eq!(s.status(1), Some(StageStatus::Succeeded));
     assert_eq!(s.status(2), Some(StageStatus::Succeeded));
-    assert_eq!(s.outputs_on("b"), HashMap::from([(1, vec![1]), (2, vec![1])]));
+    assert_eq!(
+        s.outputs_on("b"),
+        HashMap::from([(1, vec![1]), (2, vec![1])])
+    );
     // the join starts on a, then b is lost
     let join = s.assign("a", 1);
     assert_eq!(join[0].0.stage, 3);
@@ -120,9 +123,17 @@ fn losing_an_executor_recomputes_only_its_outputs() {
     for (t, a) in redo {
         s.task_succeeded(t, a, "c");
     }
-    assert_eq!(s.launch_counts(1), (3, 1), "one recomputed map task in stage 1");
+    assert_eq!(
+        s.launch_counts(1),
+        (3, 1),
+        "one recomputed map task in stage 1"
+    );
     assert_eq!(s.status(3), Some(StageStatus::Running), "join resumes");
-    assert_eq!(s.epoch(3), 2, "join's plan must be re-resolved with new locations");
+    assert_eq!(
+        s.epoch(3),
+        2,
+        "join's plan must be re-resolved with new locations"
+    );
     assert_eq!(
         s.locations(1).unwrap(),
         vec![("a".into(), "a:1".into()), ("c".into(), "c:1".into())]
@@ -147,7 +158,10 @@ fn a_preemption_does_not_count_against_task_attempts_but_a_failure_does() {
         matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.contains("maxExecutorLosses")),
         "{ev:?}"
     );
-    assert!(!s.register_executor("d", "d:1", now), "a lost id cannot come back");
+    assert!(
+        !s.register_executor("d", "d:1", now),
+        "a lost id cannot come back"
+    );
 }
 
 #[test]
@@ -233,5 +247,8 @@ fn heartbeats_expire() {
     let (mut s, now) = two_stage_job();
     let later = now + Duration::from_secs(11);
     s.heartbeat("a", later);
-    assert_eq!(s.expired(later, Duration::from_secs(10)), vec!["b".to_string()]);
+    assert_eq!(
+        s.expired(later, Duration::from_secs(10)),
+        vec!["b".to_string()]
+    );
 }

@@ -35,7 +35,11 @@ pub enum Progress {
         tasks: usize,
     },
     /// A task of the stage finished; `done` of `total` partitions are complete.
-    TaskDone { stage: u32, done: usize, total: usize },
+    TaskDone {
+        stage: u32,
+        done: usize,
+        total: usize,
+    },
     /// Every partition of the stage is complete.
     StageDone { stage: u32 },
     /// An executor was lost.
@@ -362,7 +366,9 @@ impl rpc::driver_server::Driver for DriverService {
                 }
                 state.sched.heartbeat(&req.executor_id, Instant::now());
                 let drops = state.drops.remove(&req.executor_id).unwrap_or_default();
-                let assigned = state.sched.assign(&req.executor_id, req.free_slots as usize);
+                let assigned = state
+                    .sched
+                    .assign(&req.executor_id, req.free_slots as usize);
                 if !assigned.is_empty() || !drops.is_empty() || round == 1 || req.free_slots == 0 {
                     let mut tasks = Vec::with_capacity(assigned.len());
                     for (TaskId { stage, partition }, attempt) in assigned {
@@ -453,9 +459,17 @@ impl rpc::driver_server::Driver for DriverService {
     ) -> Result<Response<rpc::ExecutorLostResponse>, Status> {
         let req = request.into_inner();
         self.shared.check_token(&req.token)?;
-        let known = self.shared.state.lock().unwrap().sched.is_live(&req.executor_id);
-        self.shared
-            .executor_lost(&req.executor_id, req.reason == LossReason::Preempted.as_str());
+        let known = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .sched
+            .is_live(&req.executor_id);
+        self.shared.executor_lost(
+            &req.executor_id,
+            req.reason == LossReason::Preempted.as_str(),
+        );
         Ok(Response::new(rpc::ExecutorLostResponse { known }))
     }
 }

@@ -50,8 +50,8 @@ impl PhysicalExtensionCodec for KilnCodec {
                 let input = input()?;
                 let partitioning = match w.partitioning {
                     Some(bytes) => {
-                        let proto = protobuf::Partitioning::decode(bytes.as_slice())
-                            .map_err(decode_err)?;
+                        let proto =
+                            protobuf::Partitioning::decode(bytes.as_slice()).map_err(decode_err)?;
                         let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
                         parse_protobuf_partitioning(
                             Some(&proto),

@@ -13,8 +13,8 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    ExecutionPlanProperties,
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
 };
 use futures::StreamExt;
 use kiln_api::OutputFormat;
@@ -115,13 +115,17 @@ impl ExecutionPlan for SinkExec {
     ) -> DfResult<SendableRecordBatchStream> {
         let url = ListingTableUrl::parse(&self.uri)?;
         let store = context.runtime_env().object_store(url.object_store())?;
-        let path = url.prefix().child(part_file_name(partition, self.format));
+        let path = url
+            .prefix()
+            .clone()
+            .join(part_file_name(partition, self.format));
         let input = self.input.execute(partition, context)?;
         let written = MetricBuilder::new(&self.metrics).counter("output_bytes", partition);
         let format = self.format;
         let schema = self.input.schema();
         let fut = async move {
-            let (rows, bytes) = write_partition(input, schema, format, store, path, partition).await?;
+            let (rows, bytes) =
+                write_partition(input, schema, format, store, path, partition).await?;
             written.add(bytes as usize);
             write_stats(vec![(partition as u32, rows, bytes)])
         };
@@ -198,7 +202,9 @@ async fn write_partition(
                 header = false;
                 rows += batch.num_rows() as u64;
                 bytes += buf.len() as u64;
-                out.write_all(&buf).await.map_err(DataFusionError::IoError)?;
+                out.write_all(&buf)
+                    .await
+                    .map_err(DataFusionError::IoError)?;
             }
             if header && format == OutputFormat::Csv {
                 let mut buf = Vec::new();
@@ -206,7 +212,9 @@ async fn write_partition(
                     .with_header(true)
                     .build(&mut buf)
                     .write(&arrow::array::RecordBatch::new_empty(schema))?;
-                out.write_all(&buf).await.map_err(DataFusionError::IoError)?;
+                out.write_all(&buf)
+                    .await
+                    .map_err(DataFusionError::IoError)?;
             }
             out.shutdown().await.map_err(DataFusionError::IoError)?;
         }

@@ -92,7 +92,10 @@ impl StagePlanner {
             .map(|c| self.rewrite(c.clone(), stages))
             .collect::<DfResult<Vec<_>>>()?;
         if let Some(rep) = plan.downcast_ref::<RepartitionExec>() {
-            let child = children.into_iter().next().expect("repartition has an input");
+            let child = children
+                .into_iter()
+                .next()
+                .expect("repartition has an input");
             let partitioning = rep.partitioning().clone();
             let reduce = partitioning.partition_count();
             let id = self.take_id();
@@ -115,7 +118,10 @@ impl StagePlanner {
             let n = child.output_partitioning().partition_count();
             let id = self.take_id();
             let schema = child.schema();
-            stages.push(stage(id, Arc::new(ShuffleWriterExec::new(child, id, None)))?);
+            stages.push(stage(
+                id,
+                Arc::new(ShuffleWriterExec::new(child, id, None)),
+            )?);
             let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
                 id,
                 schema,

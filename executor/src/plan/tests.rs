@@ -79,9 +79,15 @@ async fn a_group_by_splits_at_its_shuffle() {
     assert!(map.inputs.is_empty());
     assert_eq!(map.partitions, 3, "one map task per input partition");
     let writer = map.plan.downcast_ref::<ShuffleWriterExec>().unwrap();
-    assert!(matches!(writer.partitioning(), Some(Partitioning::Hash(_, 4))));
+    assert!(matches!(
+        writer.partitioning(),
+        Some(Partitioning::Hash(_, 4))
+    ));
     assert_eq!(reduce.inputs, vec![map.id]);
-    assert_eq!(reduce.partitions, 4, "one reduce task per shuffle partition");
+    assert_eq!(
+        reduce.partitions, 4,
+        "one reduce task per shuffle partition"
+    );
     assert_eq!(count_nodes::<ShuffleReaderExec>(&reduce.plan), 1);
     // no exchange is left inside a stage
     for s in &stages {
@@ -141,7 +147,11 @@ async fn stage_plans_round_trip_through_the_codec() {
     ctx.register_parquet("p", path.to_str().unwrap(), Default::default())
         .await
         .unwrap();
-    let plan = physical(&ctx, "SELECT k, count(*) AS n FROM p GROUP BY k ORDER BY n DESC").await;
+    let plan = physical(
+        &ctx,
+        "SELECT k, count(*) AS n FROM p GROUP BY k ORDER BY n DESC",
+    )
+    .await;
     let stages = StagePlanner::default()
         .split(plan, &FinalOutput::Blocks)
         .unwrap();
@@ -165,8 +175,8 @@ async fn stage_plans_round_trip_through_the_codec() {
             })
             .unwrap()
             .data;
-        let bytes = physical_plan_to_bytes_with_extension_codec(resolved.clone(), &KilnCodec)
-            .unwrap();
+        let bytes =
+            physical_plan_to_bytes_with_extension_codec(resolved.clone(), &KilnCodec).unwrap();
         let back =
             physical_plan_from_bytes_with_extension_codec(&bytes, &ctx.task_ctx(), &KilnCodec)
                 .unwrap();

@@ -152,8 +152,8 @@ impl PeerClients {
         id: BlockId,
         received: Count,
     ) -> Result<BoxStream<'static, Result<RecordBatch, FlightError>>> {
-        let mut client = FlightServiceClient::new(self.channel(address)?)
-            .max_decoding_message_size(usize::MAX);
+        let mut client =
+            FlightServiceClient::new(self.channel(address)?).max_decoding_message_size(usize::MAX);
         let response = client
             .do_get(Ticket::new(id.ticket()))
             .await

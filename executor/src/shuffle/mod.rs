@@ -35,9 +35,7 @@ impl ShuffleEnv {
         ctx.session_config()
             .get_extension::<ShuffleEnv>()
             .ok_or_else(|| {
-                DataFusionError::Internal(
-                    "Kiln nodes run only inside an executor session".into(),
-                )
+                DataFusionError::Internal("Kiln nodes run only inside an executor session".into())
             })
     }
 }

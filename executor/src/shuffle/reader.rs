@@ -9,7 +9,9 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::metrics::{
+    Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
@@ -166,19 +168,21 @@ impl ExecutionPlan for ShuffleReaderExec {
             ReadMode::Hash => locations
                 .iter()
                 .enumerate()
-                .map(|(m, l)| (BlockId::new(self.stage, m as u32, partition as u32), l.clone()))
+                .map(|(m, l)| {
+                    (
+                        BlockId::new(self.stage, m as u32, partition as u32),
+                        l.clone(),
+                    )
+                })
                 .collect(),
             ReadMode::PassThrough => vec![(
                 BlockId::new(self.stage, partition as u32, 0),
-                locations
-                    .get(partition)
-                    .cloned()
-                    .ok_or_else(|| {
-                        DataFusionError::Internal(format!(
-                            "stage {} has no partition {partition}",
-                            self.stage
-                        ))
-                    })?,
+                locations.get(partition).cloned().ok_or_else(|| {
+                    DataFusionError::Internal(format!(
+                        "stage {} has no partition {partition}",
+                        self.stage
+                    ))
+                })?,
             )],
         };
         let counters = FetchCounters {

@@ -16,8 +16,8 @@ use datafusion::physical_plan::metrics::{
 use datafusion::physical_plan::repartition::BatchPartitioner;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    ExecutionPlanProperties,
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
 };
 use futures::StreamExt;
 
@@ -39,7 +39,11 @@ pub struct ShuffleWriterExec {
 
 impl ShuffleWriterExec {
     /// A writer for `stage`; `partitioning` None writes each task's rows as one block.
-    pub fn new(input: Arc<dyn ExecutionPlan>, stage: u32, partitioning: Option<Partitioning>) -> Self {
+    pub fn new(
+        input: Arc<dyn ExecutionPlan>,
+        stage: u32,
+        partitioning: Option<Partitioning>,
+    ) -> Self {
         let props = PlanProperties::new(
             EquivalenceProperties::new(write_stats_schema()),
             Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
@@ -81,7 +85,11 @@ impl ShuffleWriterExec {
 impl DisplayAs for ShuffleWriterExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match &self.partitioning {
-            Some(p) => write!(f, "ShuffleWriterExec: stage={}, partitioning={p}", self.stage),
+            Some(p) => write!(
+                f,
+                "ShuffleWriterExec: stage={}, partitioning={p}",
+                self.stage
+            ),
             None => write!(f, "ShuffleWriterExec: stage={}, pass-through", self.stage),
         }
     }
