@@ -275,8 +275,9 @@ fn collect_metrics(plan: &std::sync::Arc<dyn ExecutionPlan>) -> rpc::TaskMetrics
             let sum = |name: &str| set.sum_by_name(name).map_or(0, |v| v.as_usize() as u64);
             m.remote_bytes_fetched += sum("remote_bytes_fetched");
             m.local_bytes_fetched += sum("local_bytes_fetched");
-            m.spill_count += sum("spill_count");
-            m.spilled_bytes += sum("spilled_bytes");
+            // Spill counters are built-in metric kinds, not named counters.
+            m.spill_count += set.spill_count().unwrap_or(0) as u64;
+            m.spilled_bytes += set.spilled_bytes().unwrap_or(0) as u64;
         }
         Ok(TreeNodeRecursion::Continue)
     });

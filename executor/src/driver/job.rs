@@ -11,7 +11,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::view::ViewTable;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::error::Result as DfResult;
 use datafusion::physical_plan::metrics::Count;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
@@ -43,16 +43,17 @@ fn plan_err(step: &str) -> impl FnOnce(datafusion::error::DataFusionError) -> Er
     }
 }
 
-/// Tables a logical plan reads, subqueries included.
-fn referenced_tables(plan: &LogicalPlan) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let _ = plan.apply_with_subqueries(|p| {
-        if let LogicalPlan::TableScan(scan) = p {
-            names.insert(scan.table_name.table().to_ascii_lowercase());
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    names
+/// Tables a step's SQL names, subqueries and CTEs included, as written: the logical plan
+/// cannot tell, because it already has views inlined.
+fn referenced_tables(ctx: &SessionContext, sql: &str) -> DfResult<BTreeSet<String>> {
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state.sql_to_statement(sql, &dialect)?;
+    Ok(state
+        .resolve_table_references(&statement)?
+        .iter()
+        .map(|t| t.table().to_ascii_lowercase())
+        .collect())
 }
 
 /// Plans every step as a view in a scratch session, so bad SQL fails before any work runs;
@@ -61,10 +62,8 @@ async fn check_steps<'a>(spec: &'a JobSpec, ctx: &SessionContext) -> Result<Vec<
     let mut deps: HashMap<String, BTreeSet<String>> = HashMap::new();
     for step in &spec.steps {
         let df = ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
-        deps.insert(
-            step.name.to_ascii_lowercase(),
-            referenced_tables(df.logical_plan()),
-        );
+        let tables = referenced_tables(ctx, &step.sql).map_err(plan_err(&step.name))?;
+        deps.insert(step.name.to_ascii_lowercase(), tables);
         let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
         ctx.register_table(step.name.as_str(), Arc::new(view))
             .map_err(plan_err(&step.name))?;

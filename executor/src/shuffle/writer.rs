@@ -235,7 +235,7 @@ impl MapWrite {
             return Ok(());
         }
         let batches = std::mem::take(buffer);
-        let merged = concat_batches(&self.schema, &batches)?;
+        let merged = compact(concat_batches(&self.schema, &batches)?)?;
         let meta = self
             .env
             .store
@@ -247,4 +247,24 @@ impl MapWrite {
         self.bytes_written.add(meta.bytes as usize);
         Ok(())
     }
+}
+
+/// Copies view arrays (`Utf8View`, `BinaryView`) down to the bytes their rows use. A
+/// partitioned batch's views still point into its whole input batch's buffers; kept as they
+/// are, every block would hold (and Flight would send) all of them.
+fn compact(batch: RecordBatch) -> DfResult<RecordBatch> {
+    use arrow::array::{ArrayRef, AsArray};
+    use arrow::datatypes::DataType;
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| -> ArrayRef {
+            match c.data_type() {
+                DataType::Utf8View => Arc::new(c.as_string_view().gc()),
+                DataType::BinaryView => Arc::new(c.as_binary_view().gc()),
+                _ => c.clone(),
+            }
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
