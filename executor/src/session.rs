@@ -58,6 +58,9 @@ pub fn session_config(spec: &JobSpec) -> SessionConfig {
     o.optimizer.enable_join_dynamic_filter_pushdown = false;
     o.optimizer.enable_topk_dynamic_filter_pushdown = false;
     o.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+    // An uncorrelated scalar subquery becomes a join: the physical ScalarSubqueryExec shares
+    // its results with expressions in memory, which cannot cross a stage boundary.
+    o.optimizer.enable_physical_uncorrelated_scalar_subquery = false;
     o.optimizer.repartition_file_scans = true;
     // Each task runs one partition alone: a partition must read only its own file group,
     // never steal its siblings' files (they are read by other tasks).

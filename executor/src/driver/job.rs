@@ -90,7 +90,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
     let ctx = planning_context(spec).await?;
     let needed = check_steps(spec, &ctx).await?;
     let target = spec.target_step().expect("checked above");
-    let mut planner = StagePlanner::default();
+    let mut planner = StagePlanner::new(spec.shuffle_partitions as usize);
     let mut batches = Vec::new();
     let mut schema = None;
     let mut output = None;

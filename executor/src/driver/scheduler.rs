@@ -521,20 +521,23 @@ impl Scheduler {
     }
 
     fn lose_outputs(&mut self, outputs: &[(u32, u32)]) -> Vec<SchedulerEvent> {
-        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        let mut by_stage: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for &(sid, p) in outputs {
-            let needed = self.needed(sid);
-            let s = self.stages.get_mut(&sid).expect("output of a known stage");
-            s.tasks[p as usize] = TaskState::Pending;
-            if needed {
-                touched.insert(sid);
-            } else {
-                s.released = true;
-            }
+            by_stage.entry(sid).or_default().push(p);
         }
         let mut events = Vec::new();
-        for sid in touched {
-            let s = self.stages.get_mut(&sid).expect("known");
+        // Consumers before their inputs (ids follow dependency order): a consumer that must
+        // rerun makes its inputs needed again.
+        for (sid, partitions) in by_stage.into_iter().rev() {
+            let needed = self.needed(sid);
+            let s = self.stages.get_mut(&sid).expect("output of a known stage");
+            for p in partitions {
+                s.tasks[p as usize] = TaskState::Pending;
+            }
+            if !needed {
+                s.released = true;
+                continue;
+            }
             if s.status == StageStatus::Succeeded {
                 s.attempts += 1;
                 if s.attempts > self.policy.max_stage_attempts {

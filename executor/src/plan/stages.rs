@@ -5,13 +5,15 @@
 //! partition of its plan and never re-executes a sibling partition's input.
 use std::sync::Arc;
 
+use datafusion::common::JoinType;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::Result as DfResult;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec, PartitionMode};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::{
-    ExecutionPlan, ExecutionPlanProperties, replace_children_if_necessary,
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
 };
 use kiln_api::OutputFormat;
 
@@ -47,15 +49,18 @@ pub struct Stage {
 #[derive(Debug)]
 pub struct StagePlanner {
     next_id: u32,
-}
-
-impl Default for StagePlanner {
-    fn default() -> Self {
-        Self { next_id: 1 }
-    }
+    partitions: usize,
 }
 
 impl StagePlanner {
+    /// A planner whose shuffles have `partitions` partitions.
+    pub fn new(partitions: usize) -> Self {
+        Self {
+            next_id: 1,
+            partitions: partitions.max(1),
+        }
+    }
+
     /// Splits `plan` into stages in dependency order; the last one produces `output`.
     pub fn split(
         &mut self,
@@ -86,6 +91,7 @@ impl StagePlanner {
         plan: Arc<dyn ExecutionPlan>,
         stages: &mut Vec<Stage>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let plan = self.distributable(plan)?;
         let children = plan
             .children()
             .into_iter()
@@ -133,6 +139,67 @@ impl StagePlanner {
         }
         replace_children_if_necessary(plan, children)
     }
+}
+
+impl StagePlanner {
+    /// Joins that emit build-side rows once every probe partition is done (left, full,
+    /// semi and anti joins collecting their left side) rely on all probe partitions running
+    /// in one process. Here each probe partition is a task of its own, so such a join
+    /// becomes a partitioned join (both sides shuffled on the keys), or, where that cannot
+    /// keep its meaning (null-aware anti joins, nested-loop joins), reads its probe side as
+    /// one partition.
+    fn distributable(&self, plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if let Some(j) = plan.downcast_ref::<HashJoinExec>()
+            && *j.partition_mode() == PartitionMode::CollectLeft
+            && emits_build_rows_at_end(*j.join_type())
+            && j.right().output_partitioning().partition_count() > 1
+        {
+            if j.null_aware {
+                let probe: Arc<dyn ExecutionPlan> =
+                    Arc::new(CoalescePartitionsExec::new(j.right().clone()));
+                return replace_children_if_necessary(plan.clone(), vec![j.left().clone(), probe]);
+            }
+            let build = match j.left().downcast_ref::<CoalescePartitionsExec>() {
+                Some(c) => c.input().clone(),
+                None => j.left().clone(),
+            };
+            let (left_keys, right_keys): (Vec<_>, Vec<_>) = j.on().iter().cloned().unzip();
+            let left = Arc::new(RepartitionExec::try_new(
+                build,
+                Partitioning::Hash(left_keys, self.partitions),
+            )?);
+            let right = Arc::new(RepartitionExec::try_new(
+                j.right().clone(),
+                Partitioning::Hash(right_keys, self.partitions),
+            )?);
+            let join = j
+                .builder()
+                .with_partition_mode(PartitionMode::Partitioned)
+                .with_new_children(vec![left, right])?
+                .build()?;
+            return Ok(Arc::new(join));
+        }
+        if let Some(j) = plan.downcast_ref::<NestedLoopJoinExec>()
+            && emits_build_rows_at_end(*j.join_type())
+            && j.right().output_partitioning().partition_count() > 1
+        {
+            let probe: Arc<dyn ExecutionPlan> =
+                Arc::new(CoalescePartitionsExec::new(j.right().clone()));
+            return replace_children_if_necessary(plan.clone(), vec![j.left().clone(), probe]);
+        }
+        Ok(plan)
+    }
+}
+
+fn emits_build_rows_at_end(join_type: JoinType) -> bool {
+    matches!(
+        join_type,
+        JoinType::Left
+            | JoinType::LeftAnti
+            | JoinType::LeftSemi
+            | JoinType::LeftMark
+            | JoinType::Full
+    )
 }
 
 fn stage(id: u32, plan: Arc<dyn ExecutionPlan>) -> DfResult<Stage> {

@@ -71,7 +71,7 @@ fn count_nodes<T: ExecutionPlan>(plan: &Arc<dyn ExecutionPlan>) -> usize {
 async fn a_group_by_splits_at_its_shuffle() {
     let ctx = context().await;
     let plan = physical(&ctx, "SELECT k, sum(v) FROM t GROUP BY k").await;
-    let stages = StagePlanner::default()
+    let stages = StagePlanner::new(4)
         .split(plan, &FinalOutput::Blocks)
         .unwrap();
     assert_eq!(stages.len(), 2, "{stages:#?}");
@@ -101,7 +101,7 @@ async fn a_group_by_splits_at_its_shuffle() {
 async fn an_order_by_merges_in_one_final_task() {
     let ctx = context().await;
     let plan = physical(&ctx, "SELECT k, v FROM t ORDER BY v, k").await;
-    let stages = StagePlanner::default()
+    let stages = StagePlanner::new(4)
         .split(
             plan,
             &FinalOutput::Sink {
@@ -152,7 +152,7 @@ async fn stage_plans_round_trip_through_the_codec() {
         "SELECT k, count(*) AS n FROM p GROUP BY k ORDER BY n DESC",
     )
     .await;
-    let stages = StagePlanner::default()
+    let stages = StagePlanner::new(4)
         .split(plan, &FinalOutput::Blocks)
         .unwrap();
     for stage in stages {
