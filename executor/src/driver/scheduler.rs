@@ -566,7 +566,7 @@ impl Scheduler {
         for sid in ids {
             let s = &self.stages[&sid];
             if matches!(s.status, StageStatus::Resolved | StageStatus::Running)
-                && s.tasks.iter().any(|t| *t == TaskState::Pending)
+                && s.tasks.contains(&TaskState::Pending)
                 && !self.inputs_complete(sid)
             {
                 self.stages.get_mut(&sid).expect("known").status = StageStatus::Unresolved;
