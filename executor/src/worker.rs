@@ -220,8 +220,6 @@ async fn run_task(
         Ok(mut metrics) => {
             metrics.elapsed_ms = started.elapsed().as_millis() as u64;
             Outcome::Success(rpc::TaskSuccess {
-                block_bytes: vec![],
-                block_rows: vec![],
                 metrics: Some(metrics),
             })
         }
