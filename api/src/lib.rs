@@ -5,12 +5,21 @@
 mod error;
 mod load;
 mod quantity;
+mod report;
 mod spec;
 mod validate;
+
+/// The control protocol between the driver, its executors and the operator, generated from
+/// `proto/kiln.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod rpc {
+    tonic::include_proto!("kiln.v1");
+}
 
 pub use error::{Error, Result};
 pub use load::{load_job, parse_job};
 pub use quantity::{parse_cpu, parse_memory};
+pub use report::{DriverReport, TERMINATION_MESSAGE_LIMIT};
 pub use spec::*;
 pub use validate::{FieldError, validate};
 

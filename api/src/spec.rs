@@ -172,16 +172,52 @@ pub enum CacheLevel {
 }
 
 /// One SQL step of the job.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepSpec {
     /// Table name later steps and the output use for this step's result (a SQL identifier).
     pub name: String,
-    /// One SQL query (DataFusion dialect) over inputs and earlier steps.
+    /// One SQL query (DataFusion dialect) over inputs and earlier steps. In an iterative step
+    /// (one with `repeat` or `until`) it is the body of an iteration, and the step's own name
+    /// means the previous iteration's result.
     pub sql: String,
     /// Whether the result is computed once and kept: `None`, `Memory` or `MemoryAndDisk`.
+    /// Iterative steps always keep each iteration's result until the next one replaces it.
     #[serde(default)]
     pub cache: CacheLevel,
+    /// Iterative steps: the SQL of the starting value (iteration 0), before `sql` runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial: Option<String>,
+    /// Iterative steps: how many times `sql` runs, each run replacing the step's table; with
+    /// `until`, the most it may run (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<u32>,
+    /// Iterative steps: a SQL query returning one boolean, checked after each iteration; the
+    /// loop stops once it is true. The step's name is the new result, and `<name>_previous`
+    /// the one before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+}
+
+/// Iterations an `until` loop may run when `repeat` does not bound it.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 100;
+/// The most iterations any step may ask for.
+pub const MAX_ITERATIONS: u32 = 10_000;
+
+impl StepSpec {
+    /// Whether the step iterates (`repeat` or `until`).
+    pub fn is_iterative(&self) -> bool {
+        self.repeat.is_some() || self.until.is_some()
+    }
+
+    /// The most iterations the step runs (0 for a plain step).
+    pub fn max_iterations(&self) -> u32 {
+        match (self.repeat, &self.until) {
+            (Some(n), _) => n,
+            (None, Some(_)) => DEFAULT_MAX_ITERATIONS,
+            (None, None) => 0,
+        }
+    }
 }
 
 /// File formats Kiln writes.

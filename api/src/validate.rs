@@ -1,7 +1,7 @@
 //! Pure validation of a job spec: every rule names the field it is about.
 use std::collections::HashSet;
 
-use crate::{InputFormat, JobSpec, MAX_EXECUTORS, parse_cpu, parse_memory};
+use crate::{InputFormat, JobSpec, MAX_EXECUTORS, MAX_ITERATIONS, parse_cpu, parse_memory};
 
 /// One broken rule: the field's path and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +143,31 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
         if step.sql.trim().is_empty() {
             err(format!("{at}.sql"), "must not be empty".into());
         }
+        if step.is_iterative() {
+            if step.initial.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                err(
+                    format!("{at}.initial"),
+                    "an iterative step (with `repeat` or `until`) needs the SQL of its starting value"
+                        .into(),
+                );
+            }
+            if let Some(n) = step.repeat
+                && !(1..=MAX_ITERATIONS).contains(&n)
+            {
+                err(
+                    format!("{at}.repeat"),
+                    format!("must be between 1 and {MAX_ITERATIONS}, got {n}"),
+                );
+            }
+            if step.until.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                err(format!("{at}.until"), "must not be empty".into());
+            }
+        } else if step.initial.is_some() {
+            err(
+                format!("{at}.initial"),
+                "only iterative steps (with `repeat` or `until`) have a starting value".into(),
+            );
+        }
     }
 
     if let Some(out) = &spec.output {
@@ -180,7 +205,7 @@ mod tests {
             steps: vec![StepSpec {
                 name: "s".into(),
                 sql: "SELECT 1".into(),
-                cache: Default::default(),
+                ..Default::default()
             }],
             ..Default::default()
         }
@@ -208,7 +233,13 @@ mod tests {
         spec.steps.push(StepSpec {
             name: "t".into(),
             sql: " ".into(),
-            cache: Default::default(),
+            ..Default::default()
+        });
+        spec.steps.push(StepSpec {
+            name: "loop".into(),
+            sql: "SELECT 1".into(),
+            repeat: Some(0),
+            ..Default::default()
         });
         spec.output = Some(crate::OutputSpec {
             from: Some("nope".into()),
@@ -224,6 +255,8 @@ mod tests {
                 "inputs[0].options.delimiter",
                 "steps[1].name",
                 "steps[1].sql",
+                "steps[2].initial",
+                "steps[2].repeat",
                 "output.from"
             ]
         );

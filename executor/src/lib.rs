@@ -13,11 +13,8 @@ pub mod shuffle;
 mod summary;
 pub mod worker;
 
-/// The control protocol, generated from `proto/kiln.proto`.
-#[allow(missing_docs, clippy::all)]
-pub mod rpc {
-    tonic::include_proto!("kiln.v1");
-}
+/// The control protocol between driver, executors and operator (defined in `kiln-api`).
+pub use kiln_api::rpc;
 
 pub use error::{Error, Result, find_kiln_error};
 pub use summary::*;

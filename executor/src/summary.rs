@@ -134,3 +134,24 @@ pub struct JobSummary {
     /// Losses and recomputation.
     pub recovery: RecoverySummary,
 }
+
+impl JobSummary {
+    /// The short report a driver pod leaves as its termination message; `reason` is the
+    /// failure's category.
+    pub fn report(&self, reason: Option<&str>) -> kiln_api::DriverReport {
+        kiln_api::DriverReport {
+            succeeded: self.succeeded,
+            reason: reason.map(str::to_string),
+            message: self.error.clone(),
+            elapsed_ms: self.elapsed_ms,
+            stages: self.stages.len() as u64,
+            tasks: self.totals.tasks,
+            attempts: self.totals.attempts,
+            partitions_recomputed: self.totals.recomputed,
+            executors_lost: self.recovery.executors_lost.clone(),
+            rows: self.output.as_ref().map_or(0, |o| o.rows),
+            files: self.output.as_ref().map_or(0, |o| o.files),
+            output_uri: self.output.as_ref().map(|o| o.uri.clone()),
+        }
+    }
+}

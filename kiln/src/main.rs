@@ -48,9 +48,13 @@ struct DriverArgs {
     /// Seconds without a heartbeat before an executor is declared lost.
     #[arg(long, default_value_t = 10)]
     heartbeat_timeout: u64,
-    /// Where to write the JSON job summary (e.g. /dev/termination-log).
+    /// Where to write the full JSON job summary.
     #[arg(long)]
     summary: Option<PathBuf>,
+    /// Where to write the short JSON report (at most 4 KiB) the operator copies into the
+    /// ComputeJob's status, e.g. `/dev/termination-log`.
+    #[arg(long, env = "KILN_TERMINATION_MESSAGE")]
+    termination_message: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -145,7 +149,22 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
-    let spec = kiln_api::load_job(&args.spec)?;
+    let spec = match kiln_api::load_job(&args.spec) {
+        Ok(spec) => spec,
+        Err(e) => {
+            // The operator reads why from the termination message.
+            if let Some(path) = &args.termination_message {
+                let report = kiln_api::DriverReport {
+                    reason: Some(e.category().to_string()),
+                    message: Some(e.to_string()),
+                    ..Default::default()
+                };
+                std::fs::write(path, report.to_termination_message())
+                    .with_context(|| format!("writing the report to {}", path.display()))?;
+            }
+            return Err(e.into());
+        }
+    };
     let driver = kiln_executor::driver::Driver::start(
         &spec,
         kiln_executor::driver::DriverOptions {
@@ -157,23 +176,27 @@ async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
     .await?;
     tracing::info!(address = %driver.address(), "driver listening");
     let outcome = driver.run(&spec).await;
-    let (summary, code) = match outcome {
+    let (summary, reason, code) = match outcome {
         Ok(o) => {
             if let Some(schema) = &o.schema {
                 println!("{}", run::format_rows(schema, &o.batches, 1000)?);
             }
-            (o.summary, std::process::ExitCode::SUCCESS)
+            (o.summary, None, std::process::ExitCode::SUCCESS)
         }
         Err(e) => {
             let mut s = driver.summary(&spec);
             s.error = Some(e.to_string());
             tracing::error!(error = %e, "job failed");
-            (s, std::process::ExitCode::FAILURE)
+            (s, Some(e.category()), std::process::ExitCode::FAILURE)
         }
     };
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_vec(&summary)?)
             .with_context(|| format!("writing the summary to {}", path.display()))?;
+    }
+    if let Some(path) = &args.termination_message {
+        std::fs::write(path, summary.report(reason).to_termination_message())
+            .with_context(|| format!("writing the report to {}", path.display()))?;
     }
     driver.shutdown(Duration::from_secs(5)).await;
     Ok(code)

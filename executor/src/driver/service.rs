@@ -162,6 +162,33 @@ impl Shared {
             .count()
     }
 
+    /// Progress so far, for the operator.
+    pub fn job_status(&self) -> rpc::JobStatusResponse {
+        let state = self.state.lock().unwrap();
+        let mut status = rpc::JobStatusResponse::default();
+        for id in state.stages.keys() {
+            let (done, total) = state.sched.progress(*id);
+            status.stages_total += 1;
+            status.stages_done += u32::from(done == total);
+            status.tasks_done += done as u64;
+            status.tasks_total += total as u64;
+            status.partitions_recomputed += state.sched.launch_counts(*id).1;
+        }
+        status.executors_live = state
+            .sched
+            .executors()
+            .filter(|e| !state.departed.contains(*e))
+            .count() as u32;
+        status.executors_lost = state.sched.losses().len() as u32;
+        status.last_lost_executor = state
+            .sched
+            .losses()
+            .last()
+            .map(|(e, _)| e.clone())
+            .unwrap_or_default();
+        status
+    }
+
     /// The summary of what ran so far.
     pub fn summary(&self, spec: &JobSpec) -> JobSummary {
         let state = self.state.lock().unwrap();
@@ -471,5 +498,13 @@ impl rpc::driver_server::Driver for DriverService {
             req.reason == LossReason::Preempted.as_str(),
         );
         Ok(Response::new(rpc::ExecutorLostResponse { known }))
+    }
+
+    async fn job_status(
+        &self,
+        request: Request<rpc::JobStatusRequest>,
+    ) -> Result<Response<rpc::JobStatusResponse>, Status> {
+        self.shared.check_token(&request.into_inner().token)?;
+        Ok(Response::new(self.shared.job_status()))
     }
 }
