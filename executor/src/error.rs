@@ -93,6 +93,12 @@ pub enum Error {
         executor: String,
         source: std::io::Error,
     },
+    /// An iterative step's `until` did not give one boolean.
+    #[error("step `{step}`: until: {reason}")]
+    Until { step: String, reason: String },
+    /// A `--chaos` event could not be read.
+    #[error("--chaos `{spec}`: {reason}")]
+    Chaos { spec: String, reason: String },
     /// The output location already holds files and the mode forbids overwriting.
     #[error("output.uri `{uri}` already holds files and output.mode is ErrorIfExists")]
     OutputExists { uri: String },
@@ -103,8 +109,11 @@ pub enum Error {
         source: object_store::Error,
     },
     /// The job failed; the reason says why (a task's error, a spent budget).
-    #[error("job failed: {reason}")]
-    JobFailed { reason: String },
+    #[error("job failed: {failure}")]
+    JobFailed {
+        /// Why.
+        failure: crate::driver::scheduler::JobFailure,
+    },
     /// The driver could not be reached or refused this executor.
     #[error("driver: {0}")]
     Driver(String),
@@ -137,9 +146,11 @@ impl Error {
             Error::Bind { .. } => "Bind",
             Error::Serve { .. } => "Serve",
             Error::ExecutorProcess { .. } => "ExecutorProcess",
+            Error::Chaos { .. } => "Chaos",
+            Error::Until { .. } => "Until",
             Error::OutputExists { .. } => "OutputExists",
             Error::WriteOutput { .. } => "WriteOutput",
-            Error::JobFailed { .. } => "JobFailed",
+            Error::JobFailed { failure } => failure.category(),
             Error::Driver(_) => "Driver",
             Error::Io { .. } => "Io",
         }

@@ -47,6 +47,8 @@ pub struct StageSummary {
     pub step: String,
     /// Operators it runs.
     pub description: String,
+    /// Whether it hash-partitions its output for a shuffle.
+    pub shuffle: bool,
     /// Partitions (one task each).
     pub tasks: u64,
     /// Task attempts launched (more than `tasks` after retries or recomputation).
@@ -87,6 +89,9 @@ pub struct StepSummary {
     pub tasks: u64,
     /// Attempts launched for those stages.
     pub attempts: u64,
+    /// Iterations run, for an iterative step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<u32>,
 }
 
 /// What the job wrote.
@@ -101,14 +106,36 @@ pub struct OutputSummary {
     pub files: u64,
 }
 
+/// One executor loss and its recovery.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LossSummary {
+    /// The executor.
+    pub executor: String,
+    /// `Preempted`, `Failed` or `HeartbeatTimeout`.
+    pub reason: String,
+    /// When the driver declared it lost, in milliseconds since the driver started.
+    pub at_ms: u64,
+    /// Outputs (shuffle and cached partitions) it held that were still needed.
+    pub outputs_lost: u64,
+    /// From the loss to the driver declaring it (when the loss time is known: a kill by
+    /// the runner, a pod event, the last heartbeat).
+    pub detection_ms: Option<u64>,
+    /// From the loss until as many executors were live again as before it.
+    pub full_width_ms: Option<u64>,
+}
+
 /// Executors lost and what it cost.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoverySummary {
     /// Executors lost, by reason.
     pub executors_lost: BTreeMap<String, u64>,
-    /// Ids of the lost executors, in order.
-    pub lost: Vec<String>,
+    /// Each loss, in order.
+    pub losses: Vec<LossSummary>,
+    /// Needed outputs lost over the job (by losses and failed fetches); each is recomputed
+    /// once, so `totals.recomputed` equals this for a job that succeeded.
+    pub outputs_lost: u64,
 }
 
 /// The summary of one job run.

@@ -219,6 +219,12 @@ async fn run_task(
     let outcome = match execute(ctx, &task).await {
         Ok(mut metrics) => {
             metrics.elapsed_ms = started.elapsed().as_millis() as u64;
+            tracing::debug!(
+                stage = task.stage_id,
+                partition = task.partition,
+                elapsed_ms = metrics.elapsed_ms,
+                "task done"
+            );
             Outcome::Success(rpc::TaskSuccess {
                 metrics: Some(metrics),
             })

@@ -27,6 +27,7 @@ impl ProgressBars {
                         step,
                         description,
                         tasks,
+                        ..
                     }) => {
                         let bar = multi.add(ProgressBar::new(tasks as u64));
                         bar.set_style(style.clone());
@@ -49,6 +50,14 @@ impl ProgressBars {
                         let _ = multi.println(format!("executor {executor} lost ({reason})"));
                     }
                     Ok(Progress::ExecutorRegistered { .. }) => {}
+                    Ok(Progress::Iteration {
+                        step,
+                        iteration,
+                        of,
+                    }) => {
+                        let _ =
+                            multi.println(format!("{step}: iteration {iteration} (at most {of})"));
+                    }
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => break,
                 }

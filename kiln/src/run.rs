@@ -34,6 +34,18 @@ pub struct RunArgs {
     /// Seconds without a heartbeat before an executor is declared lost.
     #[arg(long, default_value_t = 10)]
     heartbeat_timeout: u64,
+    /// Kill (or pause) an executor process during the run, as a spot reclaim would; may be
+    /// given several times. `stage=3,at=50%` once half of stage 3's tasks are done;
+    /// `at=50%` the same for the first shuffle stage; `after-stage=2` once stage 2 is done.
+    /// Add `executor=exec-1` to choose the victim (default: random, from --chaos-seed) and
+    /// `pause=3s` to SIGSTOP it for that long instead of killing it. `iteration=5` fires as
+    /// iteration 5 of an iterative step starts.
+    #[arg(long, value_name = "EVENT")]
+    chaos: Vec<kiln_executor::local::ChaosEvent>,
+    /// Seed for chaos's random choices (default: a fresh one, printed so a run can be
+    /// repeated).
+    #[arg(long)]
+    chaos_seed: Option<u64>,
 }
 
 /// Makes relative local paths of inputs and output relative to the job file's folder, so a
@@ -117,13 +129,37 @@ fn closing_line(s: &JobSummary) -> String {
             o.rows, o.files, o.uri
         ));
     }
-    if !s.recovery.lost.is_empty() {
-        line.push_str(&format!(
-            "; lost executors {:?} ({} tasks recomputed)",
-            s.recovery.lost, s.totals.recomputed
+    line
+}
+
+/// What losses cost, one line each, for the end of a run.
+fn recovery_lines(s: &JobSummary) -> Vec<String> {
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| format!("{v} ms"));
+    let mut lines: Vec<String> = s
+        .recovery
+        .losses
+        .iter()
+        .map(|l| {
+            format!(
+                "lost {} ({}) at {:.2}s: {} outputs to recompute; detected after {}, full width again after {}",
+                l.executor,
+                l.reason,
+                l.at_ms as f64 / 1000.0,
+                l.outputs_lost,
+                ms(l.detection_ms),
+                ms(l.full_width_ms),
+            )
+        })
+        .collect();
+    if !lines.is_empty() {
+        lines.push(format!(
+            "recovery: {} executors lost, {} outputs lost, {} partitions recomputed",
+            s.recovery.losses.len(),
+            s.recovery.outputs_lost,
+            s.totals.recomputed
         ));
     }
-    line
+    lines
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -146,12 +182,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         spec.executors.count = n;
     }
     let work = tempfile::Builder::new().prefix("kiln-run-").tempdir()?;
+    let chaos_seed = args.chaos_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    if !args.chaos.is_empty() && !args.quiet {
+        eprintln!("chaos: seed {chaos_seed}");
+    }
     let options = LocalOptions {
-        executors: spec.executors.count,
         in_process: args.in_process,
-        program: std::env::current_exe().context("locating the kiln program")?,
-        work_dir: work.path().to_path_buf(),
         heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
+        chaos: args.chaos.clone(),
+        chaos_seed,
+        ..LocalOptions::new(
+            spec.executors.count,
+            std::env::current_exe().context("locating the kiln program")?,
+            work.path().to_path_buf(),
+        )
     };
     let cluster = LocalCluster::start(&spec, &options).await?;
     let bars = (!args.quiet).then(|| ProgressBars::spawn(cluster.driver().subscribe()));
@@ -178,12 +226,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if let Some(schema) = &o.schema {
                     println!("{}", format_rows(schema, &o.batches, args.max_rows)?);
                 }
+                for line in recovery_lines(&summary) {
+                    eprintln!("{line}");
+                }
                 eprintln!("{}", closing_line(&summary));
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             let logs = work.keep();
+            for line in recovery_lines(&summary) {
+                eprintln!("{line}");
+            }
             eprintln!("error: {e}");
             if !args.in_process {
                 eprintln!("executor logs: {}", logs.display());

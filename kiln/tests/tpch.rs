@@ -15,29 +15,6 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 const SCALE: f64 = 0.1;
 const EXECUTORS: u32 = 4;
 
-/// The job that runs `sql` over the eight tables under `data` and writes Parquet to `out`.
-fn tpch_job(data: &Path, sql: &str, step: &str, out: &Path) -> serde_yaml::Value {
-    let inputs: Vec<serde_yaml::Value> = TPCH_TABLES
-        .iter()
-        .map(|table| {
-            serde_yaml::to_value(serde_json::json!({
-                "name": table,
-                "format": "parquet",
-                "uri": data.join(format!("{table}.parquet")).display().to_string(),
-            }))
-            .expect("yaml value")
-        })
-        .collect();
-    serde_yaml::to_value(serde_json::json!({
-        "shufflePartitions": 8,
-        "executors": {"count": EXECUTORS},
-        "inputs": inputs,
-        "steps": [{"name": step, "sql": sql}],
-        "output": {"uri": out.display().to_string(), "format": "parquet"},
-    }))
-    .expect("yaml value")
-}
-
 /// Runs query `n` through kiln and DataFusion; describes every difference found.
 async fn check_query(ctx: &SessionContext, data: &Path, n: u32) -> Result<String, String> {
     let sql = read_query(&workspace_root().join(format!("bench/queries/q{n}.sql")));
@@ -51,7 +28,7 @@ async fn check_query(ctx: &SessionContext, data: &Path, n: u32) -> Result<String
 
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let out = dir.path().join("out");
-    let job = tpch_job(data, &sql, &format!("q{n}"), &out);
+    let job = tpch_job(data, &sql, &format!("q{n}"), &out, EXECUTORS);
     let run = run_job(dir.path(), &job, EXECUTORS, Duration::from_secs(600));
     let summary = run.check_success(&format!("q{n}"))?;
 

@@ -13,16 +13,17 @@ use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::datasource::view::ViewTable;
 use datafusion::error::Result as DfResult;
 use datafusion::physical_plan::metrics::Count;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 use futures::TryStreamExt;
 use kiln_api::{CacheLevel, JobSpec, OutputSpec, StepSpec, WriteMode};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use super::iterate;
 use super::service::{Progress, Shared, StageRecord};
 use crate::blocks::BlockId;
 use crate::plan::{FinalOutput, Stage, StagePlanner};
 use crate::session::{CachedTable, planning_context};
-use crate::shuffle::{PeerClients, ReadMode, ShuffleReaderExec};
+use crate::shuffle::{PeerClients, ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 use crate::summary::{JobSummary, OutputSummary};
 use crate::{Error, Result};
 
@@ -36,7 +37,9 @@ pub struct JobOutcome {
     pub summary: JobSummary,
 }
 
-fn plan_err(step: &str) -> impl FnOnce(datafusion::error::DataFusionError) -> Error + '_ {
+pub(super) fn plan_err(
+    step: &str,
+) -> impl FnOnce(datafusion::error::DataFusionError) -> Error + '_ {
     move |source| Error::PlanStep {
         step: step.to_string(),
         source,
@@ -45,7 +48,7 @@ fn plan_err(step: &str) -> impl FnOnce(datafusion::error::DataFusionError) -> Er
 
 /// Tables a step's SQL names, subqueries and CTEs included, as written: the logical plan
 /// cannot tell, because it already has views inlined.
-fn referenced_tables(ctx: &SessionContext, sql: &str) -> DfResult<BTreeSet<String>> {
+pub(super) fn referenced_tables(ctx: &SessionContext, sql: &str) -> DfResult<BTreeSet<String>> {
     let state = ctx.state();
     let dialect = state.config().options().sql_parser.dialect;
     let statement = state.sql_to_statement(sql, &dialect)?;
@@ -56,17 +59,35 @@ fn referenced_tables(ctx: &SessionContext, sql: &str) -> DfResult<BTreeSet<Strin
         .collect())
 }
 
+/// Plans `sql` and registers it as the view `name`.
+pub(super) async fn register_view(
+    ctx: &SessionContext,
+    step: &str,
+    name: &str,
+    sql: &str,
+) -> Result<()> {
+    let df = ctx.sql(sql).await.map_err(plan_err(step))?;
+    let view = ViewTable::new(df.logical_plan().clone(), Some(sql.to_string()));
+    ctx.deregister_table(name).map_err(plan_err(step))?;
+    ctx.register_table(name, Arc::new(view))
+        .map_err(plan_err(step))?;
+    Ok(())
+}
+
 /// Plans every step as a view in a scratch session, so bad SQL fails before any work runs;
 /// returns the steps the target needs, in order.
 async fn check_steps<'a>(spec: &'a JobSpec, ctx: &SessionContext) -> Result<Vec<&'a StepSpec>> {
     let mut deps: HashMap<String, BTreeSet<String>> = HashMap::new();
     for step in &spec.steps {
-        let df = ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
-        let tables = referenced_tables(ctx, &step.sql).map_err(plan_err(&step.name))?;
-        deps.insert(step.name.to_ascii_lowercase(), tables);
-        let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
-        ctx.register_table(step.name.as_str(), Arc::new(view))
-            .map_err(plan_err(&step.name))?;
+        let name = step.name.to_ascii_lowercase();
+        let mut tables = BTreeSet::new();
+        if step.is_iterative() {
+            tables.extend(iterate::check(ctx, step).await?);
+        } else {
+            tables.extend(referenced_tables(ctx, &step.sql).map_err(plan_err(&step.name))?);
+            register_view(ctx, &step.name, &step.name, &step.sql).await?;
+        }
+        deps.insert(name, tables);
     }
     let target = spec
         .target_step()
@@ -85,67 +106,143 @@ async fn check_steps<'a>(spec: &'a JobSpec, ctx: &SessionContext) -> Result<Vec<
         .collect())
 }
 
+/// What the job runner carries from step to step.
+pub(super) struct JobRun<'a> {
+    pub shared: &'a Arc<Shared>,
+    pub ctx: SessionContext,
+    pub planner: StagePlanner,
+    /// Steps registered as views (not materialized): an iterative step caches those it reads.
+    pub views: BTreeSet<String>,
+}
+
+impl JobRun<'_> {
+    /// Runs `df`'s stages and keeps the result in the executors' block stores as table
+    /// `name`; returns the result's stage (pinned until [`unpin`]) and schema.
+    pub async fn materialize(
+        &mut self,
+        step: &str,
+        name: &str,
+        df: DataFrame,
+    ) -> Result<(u32, SchemaRef)> {
+        let plan = df.create_physical_plan().await.map_err(plan_err(step))?;
+        let schema = plan.schema();
+        let stages = self
+            .planner
+            .split(plan, &FinalOutput::Blocks)
+            .map_err(plan_err(step))?;
+        let stage = run_stages(self.shared, step, stages, true).await?;
+        self.register_cached(step, name, stage, schema.clone())?;
+        Ok((stage, schema))
+    }
+
+    /// Makes table `name` read the cached output of `stage`.
+    pub fn register_cached(
+        &mut self,
+        step: &str,
+        name: &str,
+        stage: u32,
+        schema: SchemaRef,
+    ) -> Result<()> {
+        let partitions = self.shared.state.lock().unwrap().stages[&stage].partitions;
+        let table: Arc<dyn TableProvider> = Arc::new(CachedTable::new(stage, schema, partitions));
+        self.ctx.deregister_table(name).map_err(plan_err(step))?;
+        self.ctx
+            .register_table(name, table)
+            .map_err(plan_err(step))?;
+        self.views.remove(&name.to_ascii_lowercase());
+        Ok(())
+    }
+}
+
 pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutcome> {
     let started = Instant::now();
     let ctx = planning_context(spec).await?;
     let needed = check_steps(spec, &ctx).await?;
     let target = spec.target_step().expect("checked above");
-    let mut planner = StagePlanner::new(spec.shuffle_partitions as usize);
+    let mut job = JobRun {
+        shared,
+        ctx,
+        planner: StagePlanner::new(spec.shuffle_partitions as usize),
+        views: BTreeSet::new(),
+    };
     let mut batches = Vec::new();
     let mut schema = None;
     let mut output = None;
     for step in needed {
         let is_target = step.name == target.name;
-        // Replan against the tables as they are now: earlier cached steps read their blocks.
-        ctx.deregister_table(step.name.as_str())
-            .map_err(plan_err(&step.name))?;
-        let df = ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
-        if step.cache == CacheLevel::None && !is_target {
-            let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
-            ctx.register_table(step.name.as_str(), Arc::new(view))
-                .map_err(plan_err(&step.name))?;
-            continue;
-        }
-        let plan = df
-            .create_physical_plan()
-            .await
-            .map_err(plan_err(&step.name))?;
-        let out_schema = plan.schema();
         let sink = spec.output.as_ref().filter(|_| is_target);
-        let final_output = match sink {
-            Some(o) => {
-                prepare_output(&ctx, o).await?;
-                FinalOutput::Sink {
-                    uri: dir_uri(&o.uri),
-                    format: o.format,
-                }
+        // Replan against the tables as they are now: earlier cached steps read their blocks.
+        let (df, cached) = if step.is_iterative() {
+            let stage = iterate::run(&mut job, step).await?;
+            if !is_target {
+                continue;
             }
-            None => FinalOutput::Blocks,
-        };
-        let stages = planner
-            .split(plan, &final_output)
-            .map_err(plan_err(&step.name))?;
-        let final_stage = run_stages(shared, &step.name, stages, sink.is_none()).await?;
-        if step.cache != CacheLevel::None {
-            let partitions = shared.state.lock().unwrap().stages[&final_stage].partitions;
-            let table: Arc<dyn TableProvider> = Arc::new(CachedTable::new(
-                final_stage,
-                out_schema.clone(),
-                partitions,
-            ));
-            ctx.register_table(step.name.as_str(), table)
+            let df = job
+                .ctx
+                .table(step.name.as_str())
+                .await
                 .map_err(plan_err(&step.name))?;
-        }
-        if is_target {
-            match sink {
-                Some(o) => output = Some(finish_output(shared, &ctx, o, final_stage).await?),
-                None => {
-                    batches = fetch_result(shared, final_stage).await?;
-                    schema = Some(out_schema);
-                }
+            (df, Some(stage))
+        } else {
+            job.ctx
+                .deregister_table(step.name.as_str())
+                .map_err(plan_err(&step.name))?;
+            let df = job.ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
+            if step.cache == CacheLevel::None && !is_target {
+                let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
+                job.ctx
+                    .register_table(step.name.as_str(), Arc::new(view))
+                    .map_err(plan_err(&step.name))?;
+                job.views.insert(step.name.to_ascii_lowercase());
+                continue;
             }
-            if step.cache == CacheLevel::None {
-                release(shared, &[final_stage]);
+            if step.cache != CacheLevel::None && sink.is_none() {
+                let (stage, cached_schema) = job.materialize(&step.name, &step.name, df).await?;
+                if is_target {
+                    batches = fetch_result(shared, stage).await?;
+                    schema = Some(cached_schema);
+                }
+                continue;
+            }
+            (df, None)
+        };
+        // The target: into the output, or back to the caller.
+        match (sink, cached) {
+            (None, Some(stage)) => {
+                batches = fetch_result(shared, stage).await?;
+                schema = Some(df.schema().inner().clone());
+            }
+            _ => {
+                let plan = df
+                    .create_physical_plan()
+                    .await
+                    .map_err(plan_err(&step.name))?;
+                let out_schema = plan.schema();
+                let final_output = match sink {
+                    Some(o) => {
+                        prepare_output(&job.ctx, o).await?;
+                        FinalOutput::Sink {
+                            uri: dir_uri(&o.uri),
+                            format: o.format,
+                        }
+                    }
+                    None => FinalOutput::Blocks,
+                };
+                let stages = job
+                    .planner
+                    .split(plan, &final_output)
+                    .map_err(plan_err(&step.name))?;
+                let final_stage = run_stages(shared, &step.name, stages, sink.is_none()).await?;
+                match sink {
+                    Some(o) => {
+                        output = Some(finish_output(shared, &job.ctx, o, final_stage).await?)
+                    }
+                    None => {
+                        batches = fetch_result(shared, final_stage).await?;
+                        schema = Some(out_schema);
+                        unpin(shared, final_stage);
+                    }
+                }
             }
         }
     }
@@ -187,14 +284,13 @@ fn preferred_input(stage: &Stage) -> Option<u32> {
 
 /// Submits a step's stages and waits for the last one; intermediate stages are released
 /// once it succeeds. The last stage stays pinned when its blocks are still to be read.
-async fn run_stages(
+pub(super) async fn run_stages(
     shared: &Arc<Shared>,
     step: &str,
     stages: Vec<Stage>,
     keep_final: bool,
 ) -> Result<u32> {
     let final_stage = stages.last().expect("a plan has at least one stage").id;
-    let ids: Vec<u32> = stages.iter().map(|s| s.id).collect();
     {
         let mut state = shared.state.lock().unwrap();
         for stage in stages {
@@ -205,11 +301,16 @@ async fn run_stages(
                 "stage planned"
             );
             let preferred = preferred_input(&stage);
+            let shuffle = stage
+                .plan
+                .downcast_ref::<ShuffleWriterExec>()
+                .is_some_and(|w| w.partitioning().is_some());
             shared.emit(Progress::StageSubmitted {
                 stage: stage.id,
                 step: step.to_string(),
                 description: stage.description.clone(),
                 tasks: stage.partitions,
+                shuffle,
             });
             state.stages.insert(
                 stage.id,
@@ -217,6 +318,7 @@ async fn run_stages(
                     plan: stage.plan,
                     step: step.to_string(),
                     description: stage.description,
+                    shuffle,
                     partitions: stage.partitions,
                     encoded: None,
                     counters: Default::default(),
@@ -236,9 +338,9 @@ async fn run_stages(
         changed.as_mut().enable();
         {
             let state = shared.state.lock().unwrap();
-            if let Some(reason) = state.sched.failure() {
+            if let Some(failure) = state.sched.failure() {
                 return Err(Error::JobFailed {
-                    reason: reason.to_string(),
+                    failure: failure.clone(),
                 });
             }
             if state.sched.status(final_stage) == Some(super::scheduler::StageStatus::Succeeded) {
@@ -247,28 +349,31 @@ async fn run_stages(
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
     }
-    let intermediate: Vec<u32> = ids.into_iter().filter(|id| *id != final_stage).collect();
-    release(shared, &intermediate);
+    collect_garbage(shared);
     Ok(final_stage)
 }
 
-/// Stages whose blocks are no longer needed: never recomputed, dropped by executors.
-fn release(shared: &Arc<Shared>, stages: &[u32]) {
+/// A result or cached dataset no longer needed: it and the lineage only it kept go.
+pub(super) fn unpin(shared: &Arc<Shared>, stage: u32) {
+    shared.state.lock().unwrap().sched.pin(stage, false);
+    collect_garbage(shared);
+}
+
+/// Stages nothing needs any more: never recomputed, their blocks dropped by executors.
+fn collect_garbage(shared: &Arc<Shared>) {
+    let mut state = shared.state.lock().unwrap();
+    let stages = state.sched.collect_garbage();
     if stages.is_empty() {
         return;
     }
-    let mut state = shared.state.lock().unwrap();
-    for s in stages {
-        state.sched.release(*s);
-    }
     let executors: Vec<String> = state.sched.executors().cloned().collect();
     for e in executors {
-        state.drops.entry(e).or_default().extend_from_slice(stages);
+        state.drops.entry(e).or_default().extend_from_slice(&stages);
     }
 }
 
 /// Fetches the result blocks in partition order.
-async fn fetch_result(shared: &Arc<Shared>, stage: u32) -> Result<Vec<RecordBatch>> {
+pub(super) async fn fetch_result(shared: &Arc<Shared>, stage: u32) -> Result<Vec<RecordBatch>> {
     let locations = shared
         .state
         .lock()

@@ -1,5 +1,6 @@
 //! The driver: plans the job into stages, schedules tasks on executors through its control
 //! service, tracks where every output lives, and assembles the result.
+mod iterate;
 mod job;
 pub mod scheduler;
 mod service;
@@ -30,6 +31,40 @@ pub struct DriverOptions {
     pub token: Option<String>,
     /// An executor silent this long is declared lost.
     pub heartbeat_timeout: Duration,
+}
+
+/// A cheap, cloneable handle on a running driver.
+#[derive(Clone)]
+pub struct DriverHandle {
+    shared: Arc<Shared>,
+}
+
+impl DriverHandle {
+    /// Declares an executor lost; `occurred` is when it went, if known.
+    pub fn executor_lost(
+        &self,
+        executor: &str,
+        reason: scheduler::LossReason,
+        occurred: Option<std::time::Instant>,
+    ) {
+        self.shared.executor_lost(executor, reason, occurred);
+    }
+
+    /// Progress events of the job.
+    pub fn subscribe(&self) -> broadcast::Receiver<Progress> {
+        self.shared.progress.subscribe()
+    }
+
+    /// Executors registered and live.
+    pub fn live_executors(&self) -> std::collections::BTreeSet<String> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .sched
+            .executors()
+            .filter(|e| !state.departed.contains(*e))
+            .cloned()
+            .collect()
+    }
 }
 
 /// A running driver.
@@ -91,9 +126,21 @@ impl Driver {
     }
 
     /// Declares an executor lost (what the operator's `ExecutorLost` call and the local
-    /// runner's process supervision do).
-    pub fn executor_lost(&self, executor: &str, preempted: bool) {
-        self.shared.executor_lost(executor, preempted);
+    /// runner's process supervision do); `occurred` is when it went, if known.
+    pub fn executor_lost(
+        &self,
+        executor: &str,
+        reason: scheduler::LossReason,
+        occurred: Option<std::time::Instant>,
+    ) {
+        self.shared.executor_lost(executor, reason, occurred);
+    }
+
+    /// A handle for supervisors (the local runner): report losses, follow progress.
+    pub fn handle(&self) -> DriverHandle {
+        DriverHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Runs the job to its end.

@@ -80,6 +80,112 @@ pub enum TaskFailure {
     },
 }
 
+/// Why a job cannot go on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobFailure {
+    /// A task failed on its own data or SQL: retrying cannot help.
+    Data {
+        /// The task.
+        task: TaskId,
+        /// The task's error.
+        message: String,
+    },
+    /// A task failed `maxTaskAttempts` times.
+    TaskAttempts {
+        /// The task.
+        task: TaskId,
+        /// Failed attempts.
+        failures: u32,
+        /// The budget.
+        limit: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// A stage was resubmitted more than `maxStageAttempts` times.
+    StageAttempts {
+        /// The stage.
+        stage: u32,
+        /// Its attempts.
+        attempts: u32,
+        /// The budget.
+        limit: u32,
+    },
+    /// More executors were lost than `maxExecutorLosses` allows.
+    ExecutorLosses {
+        /// Executors lost.
+        lost: u32,
+        /// The budget.
+        limit: u32,
+        /// The last one lost.
+        executor: ExecutorId,
+        /// Why.
+        reason: LossReason,
+    },
+}
+
+impl JobFailure {
+    /// A PascalCase name for status reasons and metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            JobFailure::Data { .. } => "TaskDataError",
+            JobFailure::TaskAttempts { .. } => "TaskAttemptsExceeded",
+            JobFailure::StageAttempts { .. } => "StageAttemptsExceeded",
+            JobFailure::ExecutorLosses { .. } => "ExecutorLossesExceeded",
+        }
+    }
+}
+
+impl std::fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobFailure::Data { task, message } => write!(
+                f,
+                "task {}.{} failed on its data: {message}",
+                task.stage, task.partition
+            ),
+            JobFailure::TaskAttempts {
+                task,
+                failures,
+                limit,
+                last,
+            } => write!(
+                f,
+                "task {}.{} failed {failures} times (failurePolicy.maxTaskAttempts = {limit}); last: {last}",
+                task.stage, task.partition
+            ),
+            JobFailure::StageAttempts {
+                stage,
+                attempts,
+                limit,
+            } => write!(
+                f,
+                "stage {stage} had to be resubmitted {attempts} times (failurePolicy.maxStageAttempts = {limit})"
+            ),
+            JobFailure::ExecutorLosses {
+                lost,
+                limit,
+                executor,
+                reason,
+            } => write!(
+                f,
+                "lost {lost} executors, more than failurePolicy.maxExecutorLosses = {limit} (last: {executor}, {})",
+                reason.as_str()
+            ),
+        }
+    }
+}
+
+/// One executor loss, as the scheduler saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// The executor.
+    pub executor: ExecutorId,
+    /// Why it went.
+    pub reason: LossReason,
+    /// Outputs it held that were still needed, now to be recomputed.
+    pub outputs_lost: u64,
+}
+
 /// What changed, for the driver to act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SchedulerEvent {
@@ -88,7 +194,7 @@ pub enum SchedulerEvent {
     /// All of a stage's outputs are available.
     StageSucceeded(u32),
     /// The job cannot go on.
-    JobFailed(String),
+    JobFailed(JobFailure),
 }
 
 #[derive(Debug)]
@@ -122,8 +228,9 @@ pub struct Scheduler {
     stages: BTreeMap<u32, StageState>,
     executors: BTreeMap<ExecutorId, ExecutorInfo>,
     lost: HashSet<ExecutorId>,
-    losses: Vec<(ExecutorId, LossReason)>,
-    failure: Option<String>,
+    losses: Vec<Loss>,
+    outputs_lost: u64,
+    failure: Option<JobFailure>,
 }
 
 impl Scheduler {
@@ -135,6 +242,7 @@ impl Scheduler {
             executors: BTreeMap::new(),
             lost: HashSet::new(),
             losses: Vec::new(),
+            outputs_lost: 0,
             failure: None,
         }
     }
@@ -177,17 +285,38 @@ impl Scheduler {
         }
     }
 
-    /// The stage's output is no longer needed: it is never recomputed.
-    pub fn release(&mut self, stage: u32) {
-        if let Some(s) = self.stages.get_mut(&stage) {
-            s.released = true;
-            s.pinned = false;
+    /// Releases every stage nothing needs any more and returns them, so executors can drop
+    /// their blocks: a stage is kept while it is pinned, not yet complete, or an input
+    /// (directly or further up the lineage) of a stage that is kept. Keeping the lineage of a
+    /// cached dataset is what lets a lost cached partition be recomputed alone.
+    pub fn collect_garbage(&mut self) -> Vec<u32> {
+        let mut keep: BTreeSet<u32> = BTreeSet::new();
+        let mut todo: Vec<u32> = self
+            .stages
+            .iter()
+            .filter(|(_, s)| !s.released && (s.pinned || s.status != StageStatus::Succeeded))
+            .map(|(id, _)| *id)
+            .collect();
+        while let Some(id) = todo.pop() {
+            if keep.insert(id)
+                && let Some(s) = self.stages.get(&id)
+            {
+                todo.extend(s.inputs.iter().copied());
+            }
         }
+        let mut released = Vec::new();
+        for (id, s) in &mut self.stages {
+            if !s.released && !keep.contains(id) {
+                s.released = true;
+                released.push(*id);
+            }
+        }
+        released
     }
 
     /// The first unrecoverable failure, if any.
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.as_deref()
+    pub fn failure(&self) -> Option<&JobFailure> {
+        self.failure.as_ref()
     }
 
     /// Status of a stage.
@@ -210,8 +339,14 @@ impl Scheduler {
     }
 
     /// Executors lost so far, with their reasons.
-    pub fn losses(&self) -> &[(ExecutorId, LossReason)] {
+    pub fn losses(&self) -> &[Loss] {
         &self.losses
+    }
+
+    /// Outputs lost (by executor losses and failed fetches) while still needed: each is
+    /// recomputed once.
+    pub fn outputs_lost(&self) -> u64 {
+        self.outputs_lost
     }
 
     /// Live executors.
@@ -254,12 +389,12 @@ impl Scheduler {
         }
     }
 
-    /// Executors silent for longer than `timeout`.
-    pub fn expired(&self, now: Instant, timeout: Duration) -> Vec<ExecutorId> {
+    /// Executors silent for longer than `timeout`, with when they were last heard from.
+    pub fn expired(&self, now: Instant, timeout: Duration) -> Vec<(ExecutorId, Instant)> {
         self.executors
             .iter()
             .filter(|(_, e)| now.duration_since(e.last_seen) > timeout)
-            .map(|(id, _)| id.clone())
+            .map(|(id, e)| (id.clone(), e.last_seen))
             .collect()
     }
 
@@ -408,20 +543,19 @@ impl Scheduler {
         }
         let p = task.partition as usize;
         match failure {
-            TaskFailure::Data(message) => self.fail(format!(
-                "task {}.{} failed on its data: {message}",
-                task.stage, task.partition
-            )),
+            TaskFailure::Data(message) => self.fail(JobFailure::Data { task, message }),
             TaskFailure::Executor(message) => {
                 let s = self.stages.get_mut(&task.stage).expect("checked");
                 s.tasks[p] = TaskState::Pending;
                 s.failures[p] += 1;
                 if s.failures[p] >= self.policy.max_task_attempts {
-                    let n = s.failures[p];
-                    return self.fail(format!(
-                        "task {}.{} failed {n} times (failurePolicy.maxTaskAttempts = {}); last error: {message}",
-                        task.stage, task.partition, self.policy.max_task_attempts
-                    ));
+                    let failures = s.failures[p];
+                    return self.fail(JobFailure::TaskAttempts {
+                        task,
+                        failures,
+                        limit: self.policy.max_task_attempts,
+                        last: message,
+                    });
                 }
                 Vec::new()
             }
@@ -459,14 +593,18 @@ impl Scheduler {
             return Vec::new();
         };
         self.lost.insert(id.to_string());
-        self.losses.push((id.to_string(), reason));
+        self.losses.push(Loss {
+            executor: id.to_string(),
+            reason,
+            outputs_lost: 0,
+        });
         if self.losses.len() as u32 > self.policy.max_executor_losses {
-            return self.fail(format!(
-                "lost {} executors, more than failurePolicy.maxExecutorLosses = {} (last: {id}, {})",
-                self.losses.len(),
-                self.policy.max_executor_losses,
-                reason.as_str()
-            ));
+            return self.fail(JobFailure::ExecutorLosses {
+                lost: self.losses.len() as u32,
+                limit: self.policy.max_executor_losses,
+                executor: id.to_string(),
+                reason,
+            });
         }
         let mut events = Vec::new();
         let max_attempts = self.policy.max_task_attempts;
@@ -481,12 +619,12 @@ impl Scheduler {
                 s.failures[p] += 1;
                 let failures = s.failures[p];
                 if failures >= max_attempts {
-                    return self.fail(format!(
-                        "task {}.{} failed {failures} times (failurePolicy.maxTaskAttempts = {max_attempts}); last: executor {id} lost ({})",
-                        task.stage,
-                        task.partition,
-                        reason.as_str()
-                    ));
+                    return self.fail(JobFailure::TaskAttempts {
+                        task,
+                        failures,
+                        limit: max_attempts,
+                        last: format!("executor {id} lost ({})", reason.as_str()),
+                    });
                 }
             }
         }
@@ -503,7 +641,11 @@ impl Scheduler {
                     })
             })
             .collect();
+        let before = self.outputs_lost;
         events.extend(self.lose_outputs(&held));
+        if let Some(loss) = self.losses.last_mut() {
+            loss.outputs_lost = self.outputs_lost - before;
+        }
         events.extend(self.refresh());
         events
     }
@@ -514,10 +656,9 @@ impl Scheduler {
         };
         !s.released
             && (s.pinned
-                || self
-                    .stages
-                    .values()
-                    .any(|c| c.inputs.contains(&stage) && c.status != StageStatus::Succeeded))
+                || self.stages.values().any(|c| {
+                    !c.released && c.inputs.contains(&stage) && c.status != StageStatus::Succeeded
+                }))
     }
 
     fn lose_outputs(&mut self, outputs: &[(u32, u32)]) -> Vec<SchedulerEvent> {
@@ -531,6 +672,7 @@ impl Scheduler {
         for (sid, partitions) in by_stage.into_iter().rev() {
             let needed = self.needed(sid);
             let s = self.stages.get_mut(&sid).expect("output of a known stage");
+            let partitions_lost = partitions.len();
             for p in partitions {
                 s.tasks[p as usize] = TaskState::Pending;
             }
@@ -538,14 +680,16 @@ impl Scheduler {
                 s.released = true;
                 continue;
             }
+            self.outputs_lost += partitions_lost as u64;
             if s.status == StageStatus::Succeeded {
                 s.attempts += 1;
                 if s.attempts > self.policy.max_stage_attempts {
-                    let n = s.attempts;
-                    events.extend(self.fail(format!(
-                        "stage {sid} had to be resubmitted {n} times (failurePolicy.maxStageAttempts = {})",
-                        self.policy.max_stage_attempts
-                    )));
+                    let attempts = s.attempts;
+                    events.extend(self.fail(JobFailure::StageAttempts {
+                        stage: sid,
+                        attempts,
+                        limit: self.policy.max_stage_attempts,
+                    }));
                     return events;
                 }
                 s.status = StageStatus::Resolved;
@@ -604,7 +748,7 @@ impl Scheduler {
         events
     }
 
-    fn fail(&mut self, reason: String) -> Vec<SchedulerEvent> {
+    fn fail(&mut self, reason: JobFailure) -> Vec<SchedulerEvent> {
         if self.failure.is_none() {
             self.failure = Some(reason.clone());
             vec![SchedulerEvent::JobFailed(reason)]

@@ -17,7 +17,7 @@ use crate::plan::KilnCodec;
 use crate::rpc::{self, FailureKind, task_report::Outcome};
 use crate::shuffle::{Location, ShuffleReaderExec};
 use crate::summary::{
-    JobSummary, RecoverySummary, StageCounters, StageSummary, StepSummary, Totals,
+    JobSummary, LossSummary, RecoverySummary, StageCounters, StageSummary, StepSummary, Totals,
 };
 use crate::{Error, Result};
 
@@ -33,6 +33,8 @@ pub enum Progress {
         step: String,
         description: String,
         tasks: usize,
+        /// Whether it hash-partitions its output for a shuffle.
+        shuffle: bool,
     },
     /// A task of the stage finished; `done` of `total` partitions are complete.
     TaskDone {
@@ -46,24 +48,48 @@ pub enum Progress {
     ExecutorLost { executor: String, reason: String },
     /// An executor registered.
     ExecutorRegistered { executor: String },
+    /// An iterative step started an iteration.
+    Iteration {
+        step: String,
+        iteration: u32,
+        of: u32,
+    },
 }
 
 pub(crate) struct StageRecord {
     pub plan: Arc<dyn ExecutionPlan>,
     pub step: String,
     pub description: String,
+    pub shuffle: bool,
     pub partitions: usize,
     pub encoded: Option<(u64, Bytes)>,
     pub counters: StageCounters,
 }
 
+/// When a loss happened, was seen, and was made good.
+pub(crate) struct LossTiming {
+    /// When the executor went, if known (a kill the runner made, a pod's deletion, the last
+    /// heartbeat of a silent executor).
+    pub occurred: Option<Instant>,
+    /// When the driver declared it lost.
+    pub detected: Instant,
+    /// Live executors just before the loss.
+    pub width_before: usize,
+    /// When as many executors were live again.
+    pub full_width: Option<Instant>,
+}
+
 pub(crate) struct DriverState {
     pub sched: Scheduler,
+    /// One per `sched.losses()`, in the same order.
+    pub loss_timings: Vec<LossTiming>,
     pub stages: BTreeMap<u32, StageRecord>,
     pub drops: HashMap<String, Vec<u32>>,
     pub shutdown: bool,
     pub registered: BTreeSet<String>,
     pub departed: BTreeSet<String>,
+    /// Iterations run by each iterative step.
+    pub iterations: HashMap<String, u32>,
 }
 
 pub(crate) struct Shared {
@@ -76,6 +102,8 @@ pub(crate) struct Shared {
     spec_json: String,
     job_id: String,
     token: Option<String>,
+    /// When the driver started: loss times in the summary count from here.
+    pub started: Instant,
 }
 
 impl Shared {
@@ -84,11 +112,13 @@ impl Shared {
         Ok(Self {
             state: Mutex::new(DriverState {
                 sched: Scheduler::new(spec.failure_policy.clone()),
+                loss_timings: Vec::new(),
                 stages: BTreeMap::new(),
                 drops: HashMap::new(),
                 shutdown: false,
                 registered: BTreeSet::new(),
                 departed: BTreeSet::new(),
+                iterations: HashMap::new(),
             }),
             work: Notify::new(),
             changed: Notify::new(),
@@ -96,6 +126,7 @@ impl Shared {
             spec_json,
             job_id: uuid::Uuid::new_v4().to_string(),
             token,
+            started: Instant::now(),
         })
     }
 
@@ -125,27 +156,44 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    pub fn executor_lost(&self, executor: &str, preempted: bool) {
-        let reason = if preempted {
-            LossReason::Preempted
-        } else {
-            LossReason::Failed
-        };
+    pub fn executor_lost(&self, executor: &str, reason: LossReason, occurred: Option<Instant>) {
         let mut state = self.state.lock().unwrap();
-        self.lose(&mut state, executor, reason);
+        self.lose(&mut state, executor, reason, occurred);
     }
 
-    fn lose(&self, state: &mut DriverState, executor: &str, reason: LossReason) {
+    fn lose(
+        &self,
+        state: &mut DriverState,
+        executor: &str,
+        reason: LossReason,
+        occurred: Option<Instant>,
+    ) {
         if !state.sched.is_live(executor) {
             return;
         }
         tracing::warn!(executor, reason = reason.as_str(), "executor lost");
+        let width_before = state.live_width();
         let events = state.sched.executor_lost(executor, reason);
+        state.loss_timings.push(LossTiming {
+            occurred,
+            detected: Instant::now(),
+            width_before,
+            full_width: None,
+        });
         self.emit(Progress::ExecutorLost {
             executor: executor.to_string(),
             reason: reason.as_str().to_string(),
         });
         self.handle(events);
+    }
+
+    /// Notes that `step` finished iteration `n`.
+    pub fn record_iteration(&self, step: &str, n: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .iterations
+            .insert(step.to_string(), n);
     }
 
     pub fn begin_shutdown(&self) {
@@ -154,12 +202,7 @@ impl Shared {
     }
 
     pub fn live_executors(&self) -> usize {
-        let state = self.state.lock().unwrap();
-        state
-            .sched
-            .executors()
-            .filter(|e| !state.departed.contains(*e))
-            .count()
+        self.state.lock().unwrap().live_width()
     }
 
     /// Progress so far, for the operator.
@@ -174,17 +217,13 @@ impl Shared {
             status.tasks_total += total as u64;
             status.partitions_recomputed += state.sched.launch_counts(*id).1;
         }
-        status.executors_live = state
-            .sched
-            .executors()
-            .filter(|e| !state.departed.contains(*e))
-            .count() as u32;
+        status.executors_live = state.live_width() as u32;
         status.executors_lost = state.sched.losses().len() as u32;
         status.last_lost_executor = state
             .sched
             .losses()
             .last()
-            .map(|(e, _)| e.clone())
+            .map(|l| l.executor.clone())
             .unwrap_or_default();
         status
     }
@@ -204,6 +243,7 @@ impl Shared {
                 id: *id,
                 step: rec.step.clone(),
                 description: rec.description.clone(),
+                shuffle: rec.shuffle,
                 tasks: rec.partitions as u64,
                 attempts,
                 recomputed,
@@ -222,17 +262,11 @@ impl Shared {
                     stages: own.iter().map(|s| s.id).collect(),
                     tasks: own.iter().map(|s| s.tasks).sum(),
                     attempts: own.iter().map(|s| s.attempts).sum(),
+                    iterations: state.iterations.get(&step.name).copied(),
                 })
             })
             .collect();
-        let mut recovery = RecoverySummary::default();
-        for (executor, reason) in state.sched.losses() {
-            *recovery
-                .executors_lost
-                .entry(reason.as_str().to_string())
-                .or_default() += 1;
-            recovery.lost.push(executor.clone());
-        }
+        let recovery = state.recovery(self.started);
         JobSummary {
             executors: state.registered.len() as u64,
             stages,
@@ -245,6 +279,52 @@ impl Shared {
 }
 
 impl DriverState {
+    /// Live executors that have not been told to leave.
+    pub fn live_width(&self) -> usize {
+        self.sched
+            .executors()
+            .filter(|e| !self.departed.contains(*e))
+            .count()
+    }
+
+    /// Losses and what they cost.
+    fn recovery(&self, started: Instant) -> RecoverySummary {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut recovery = RecoverySummary {
+            outputs_lost: self.sched.outputs_lost(),
+            ..Default::default()
+        };
+        for (loss, t) in self.sched.losses().iter().zip(&self.loss_timings) {
+            *recovery
+                .executors_lost
+                .entry(loss.reason.as_str().to_string())
+                .or_default() += 1;
+            recovery.losses.push(LossSummary {
+                executor: loss.executor.clone(),
+                reason: loss.reason.as_str().to_string(),
+                at_ms: ms(t.detected.saturating_duration_since(started)),
+                outputs_lost: loss.outputs_lost,
+                detection_ms: t
+                    .occurred
+                    .map(|o| ms(t.detected.saturating_duration_since(o))),
+                full_width_ms: t
+                    .full_width
+                    .map(|f| ms(f.saturating_duration_since(t.occurred.unwrap_or(t.detected)))),
+            });
+        }
+        recovery
+    }
+
+    /// Marks losses made good once as many executors are live as before them.
+    fn note_width(&mut self, now: Instant) {
+        let width = self.live_width();
+        for t in &mut self.loss_timings {
+            if t.full_width.is_none() && width >= t.width_before {
+                t.full_width = Some(now);
+            }
+        }
+    }
+
     /// The stage's plan with its readers pointing at the current locations of their inputs,
     /// encoded once per resolution.
     fn encoded(&mut self, stage: u32) -> Result<Bytes> {
@@ -306,8 +386,13 @@ pub(crate) async fn monitor_heartbeats(shared: Arc<Shared>, timeout: Duration) {
     loop {
         tick.tick().await;
         let mut state = shared.state.lock().unwrap();
-        for executor in state.sched.expired(Instant::now(), timeout) {
-            shared.lose(&mut state, &executor, LossReason::HeartbeatTimeout);
+        for (executor, last_seen) in state.sched.expired(Instant::now(), timeout) {
+            shared.lose(
+                &mut state,
+                &executor,
+                LossReason::HeartbeatTimeout,
+                Some(last_seen),
+            );
         }
     }
 }
@@ -354,6 +439,7 @@ impl rpc::driver_server::Driver for DriverService {
                 )));
             }
             state.registered.insert(req.executor_id.clone());
+            state.note_width(Instant::now());
         }
         tracing::info!(executor = %req.executor_id, address = %req.flight_address, "executor registered");
         self.shared.emit(Progress::ExecutorRegistered {
@@ -493,10 +579,25 @@ impl rpc::driver_server::Driver for DriverService {
             .unwrap()
             .sched
             .is_live(&req.executor_id);
-        self.shared.executor_lost(
-            &req.executor_id,
-            req.reason == LossReason::Preempted.as_str(),
-        );
+        let reason = if req.reason == LossReason::Preempted.as_str() {
+            LossReason::Preempted
+        } else {
+            LossReason::Failed
+        };
+        // When the caller saw the executor go, if it says (wall clock, milliseconds).
+        let occurred = (req.occurred_unix_ms > 0)
+            .then(|| {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_millis() as u64;
+                Instant::now().checked_sub(Duration::from_millis(
+                    now_ms.saturating_sub(req.occurred_unix_ms),
+                ))
+            })
+            .flatten();
+        self.shared
+            .executor_lost(&req.executor_id, reason, occurred);
         Ok(Response::new(rpc::ExecutorLostResponse { known }))
     }
 

@@ -117,6 +117,17 @@ pub fn tail(text: &str, n: usize) -> String {
 /// Writes `job` to `dir/job.yaml` and runs `kiln run` on it with `--executors executors`,
 /// `--summary` and `--quiet`.
 pub fn run_job(dir: &Path, job: &serde_yaml::Value, executors: u32, timeout: Duration) -> JobRun {
+    run_job_with(dir, job, executors, &[], timeout)
+}
+
+/// Like [`run_job`], with extra `kiln run` arguments (e.g. `--chaos`).
+pub fn run_job_with(
+    dir: &Path,
+    job: &serde_yaml::Value,
+    executors: u32,
+    extra: &[&str],
+    timeout: Duration,
+) -> JobRun {
     let job_file = dir.join("job.yaml");
     fs::write(
         &job_file,
@@ -127,18 +138,17 @@ pub fn run_job(dir: &Path, job: &serde_yaml::Value, executors: u32, timeout: Dur
     let _ = fs::remove_file(&summary_file);
     let started = Instant::now();
     let executors = executors.to_string();
-    let output = run_kiln(
-        &[
-            "run",
-            job_file.to_str().expect("utf-8 temp path"),
-            "--executors",
-            &executors,
-            "--summary",
-            summary_file.to_str().expect("utf-8 temp path"),
-            "--quiet",
-        ],
-        timeout,
-    );
+    let mut args = vec![
+        "run",
+        job_file.to_str().expect("utf-8 temp path"),
+        "--executors",
+        &executors,
+        "--summary",
+        summary_file.to_str().expect("utf-8 temp path"),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let output = run_kiln(&args, timeout);
     let elapsed = started.elapsed();
     let summary = fs::read(&summary_file).ok().map(|bytes| {
         serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -487,6 +497,35 @@ pub fn tpch_data(scale: f64) -> PathBuf {
     }
     lock.unlock().expect("unlock the TPC-H data directory");
     dir
+}
+
+/// The job that runs `sql` over the eight tables under `data` and writes Parquet to `out`.
+pub fn tpch_job(
+    data: &Path,
+    sql: &str,
+    step: &str,
+    out: &Path,
+    executors: u32,
+) -> serde_yaml::Value {
+    let inputs: Vec<serde_yaml::Value> = TPCH_TABLES
+        .iter()
+        .map(|table| {
+            serde_yaml::to_value(serde_json::json!({
+                "name": table,
+                "format": "parquet",
+                "uri": data.join(format!("{table}.parquet")).display().to_string(),
+            }))
+            .expect("yaml value")
+        })
+        .collect();
+    serde_yaml::to_value(serde_json::json!({
+        "shufflePartitions": 8,
+        "executors": {"count": executors},
+        "inputs": inputs,
+        "steps": [{"name": step, "sql": sql}],
+        "output": {"uri": out.display().to_string(), "format": "parquet"},
+    }))
+    .expect("yaml value")
 }
 
 /// The eight TPC-H tables.

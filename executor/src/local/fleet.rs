@@ -1,0 +1,272 @@
+//! The local runner's executor processes: starts them, notices when one dies or is declared
+//! lost, tells the driver and starts a replacement under a new id (as the operator does with
+//! pods), and carries out chaos orders.
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Instant;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::chaos::{Chaos, ChaosAction, ChaosOrder};
+use crate::driver::scheduler::LossReason;
+use crate::driver::{DriverHandle, Progress};
+use crate::{Error, Result};
+
+/// How executor processes are started.
+#[derive(Clone, Debug)]
+pub(crate) struct Launcher {
+    pub program: PathBuf,
+    pub driver_url: String,
+    pub token: String,
+    pub work_dir: PathBuf,
+}
+
+/// The executor's own folder under the run's work dir.
+pub(crate) fn executor_dir(work_dir: &Path, id: &str) -> Result<PathBuf> {
+    let dir = work_dir.join(id);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        action: "create",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+impl Launcher {
+    fn spawn(&self, id: &str) -> Result<tokio::process::Child> {
+        let dir = executor_dir(&self.work_dir, id)?;
+        let log_path = self.work_dir.join(format!("{id}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|source| Error::Io {
+            action: "create",
+            path: log_path.clone(),
+            source,
+        })?;
+        tokio::process::Command::new(&self.program)
+            .args([
+                "executor",
+                "--driver",
+                &self.driver_url,
+                "--id",
+                id,
+                "--host",
+                "127.0.0.1",
+            ])
+            .arg("--work-dir")
+            .arg(&dir)
+            .env("KILN_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| Error::ExecutorProcess {
+                executor: id.to_string(),
+                source,
+            })
+    }
+}
+
+struct Exit {
+    id: String,
+    status: std::io::Result<ExitStatus>,
+    at: Instant,
+}
+
+struct Running {
+    pid: Option<u32>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+/// Sends a job-control signal through the system's `kill`, so no unsafe code is needed.
+async fn signal(pid: u32, name: &str) {
+    let result = tokio::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .await;
+    if !matches!(result, Ok(s) if s.success()) {
+        tracing::warn!(pid, signal = name, "could not signal an executor process");
+    }
+}
+
+/// The supervisor's state.
+pub(crate) struct Fleet {
+    launcher: Launcher,
+    driver: DriverHandle,
+    budget: u32,
+    chaos: Chaos,
+    running: HashMap<String, Running>,
+    /// Executors already made good (replaced or over budget): never twice.
+    settled: HashSet<String>,
+    /// Executors chaos killed, and when: their loss is a preemption.
+    killed: HashMap<String, Instant>,
+    losses: u32,
+    next_id: u32,
+}
+
+impl Fleet {
+    pub fn new(launcher: Launcher, driver: DriverHandle, budget: u32, chaos: Chaos) -> Self {
+        Self {
+            launcher,
+            driver,
+            budget,
+            chaos,
+            running: HashMap::new(),
+            settled: HashSet::new(),
+            killed: HashMap::new(),
+            losses: 0,
+            next_id: 0,
+        }
+    }
+
+    fn launch(&mut self, waiters: &mut JoinSet<()>, exits: &mpsc::Sender<Exit>) -> Result<()> {
+        let id = format!("exec-{}", self.next_id);
+        self.next_id += 1;
+        let mut child = self.launcher.spawn(&id)?;
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        self.running.insert(
+            id.clone(),
+            Running {
+                pid: child.id(),
+                kill: Some(kill_tx),
+            },
+        );
+        let exits = exits.clone();
+        waiters.spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let _ = exits
+                .send(Exit {
+                    id,
+                    status,
+                    at: Instant::now(),
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    /// Starts `count` executors and supervises them until `stop` fires (the job is over).
+    /// Aborting the returned task kills every process still running.
+    pub fn start(mut self, count: u32, mut stop: oneshot::Receiver<()>) -> Result<JoinHandle<()>> {
+        let (exit_tx, mut exit_rx) = mpsc::channel::<Exit>(64);
+        let mut waiters = JoinSet::new();
+        let mut progress = self.driver.subscribe();
+        for _ in 0..count {
+            self.launch(&mut waiters, &exit_tx)?;
+        }
+        Ok(tokio::spawn(async move {
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    _ = &mut stop, if !stopping => stopping = true,
+                    Some(exit) = exit_rx.recv() => self.exited(exit, stopping, &mut waiters, &exit_tx),
+                    event = progress.recv(), if !stopping => match event {
+                        Ok(event) => self.observe(&event, &mut waiters, &exit_tx),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "supervisor fell behind the driver's progress");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => stopping = true,
+                    },
+                    // Keeps the waiters polled; they finish as processes exit.
+                    Some(_) = waiters.join_next(), if !waiters.is_empty() => {}
+                }
+                if stopping && self.running.is_empty() {
+                    break;
+                }
+            }
+        }))
+    }
+
+    fn exited(
+        &mut self,
+        exit: Exit,
+        stopping: bool,
+        waiters: &mut JoinSet<()>,
+        exits: &mpsc::Sender<Exit>,
+    ) {
+        self.running.remove(&exit.id);
+        match &exit.status {
+            Ok(s) if s.success() => tracing::info!(executor = %exit.id, "executor process exited"),
+            Ok(s) => tracing::warn!(executor = %exit.id, status = %s, "executor process died"),
+            Err(e) => tracing::warn!(executor = %exit.id, error = %e, "executor process lost"),
+        }
+        if stopping {
+            return;
+        }
+        let (reason, occurred) = match self.killed.get(&exit.id) {
+            Some(at) => (LossReason::Preempted, *at),
+            None => (LossReason::Failed, exit.at),
+        };
+        // Idempotent: an executor the driver already gave up on is not lost twice.
+        self.driver.executor_lost(&exit.id, reason, Some(occurred));
+        self.replace(&exit.id, waiters, exits);
+    }
+
+    /// Starts a replacement for `id` once, while the loss budget lasts.
+    fn replace(&mut self, id: &str, waiters: &mut JoinSet<()>, exits: &mpsc::Sender<Exit>) {
+        if !self.settled.insert(id.to_string()) {
+            return;
+        }
+        self.losses += 1;
+        if self.losses > self.budget {
+            tracing::warn!(executor = %id, budget = self.budget, "loss budget spent; not replacing");
+            return;
+        }
+        if let Err(e) = self.launch(waiters, exits) {
+            tracing::error!(error = %e, "could not start a replacement executor");
+        }
+    }
+
+    fn observe(&mut self, event: &Progress, waiters: &mut JoinSet<()>, exits: &mpsc::Sender<Exit>) {
+        if let Progress::ExecutorLost { executor, .. } = event
+            && self.running.contains_key(executor)
+        {
+            // Declared lost while its process still runs (a heartbeat timeout): the driver
+            // ignores it from now on and it exits when it hears so. Replace it now.
+            self.replace(&executor.clone(), waiters, exits);
+        }
+        let live: BTreeSet<String> = self
+            .driver
+            .live_executors()
+            .into_iter()
+            .filter(|e| self.running.contains_key(e))
+            .collect();
+        for order in self.chaos.observe(event, &live) {
+            self.carry_out(order);
+        }
+    }
+
+    fn carry_out(&mut self, order: ChaosOrder) {
+        let Some(running) = self.running.get_mut(&order.executor) else {
+            tracing::warn!(executor = %order.executor, event = %order.event, "chaos: no such executor process");
+            return;
+        };
+        match order.action {
+            ChaosAction::Kill => {
+                tracing::warn!(executor = %order.executor, event = %order.event, "chaos: killing executor");
+                self.killed.insert(order.executor.clone(), Instant::now());
+                if let Some(kill) = running.kill.take() {
+                    let _ = kill.send(());
+                }
+            }
+            ChaosAction::Pause(d) => {
+                let Some(pid) = running.pid else { return };
+                tracing::warn!(executor = %order.executor, event = %order.event, "chaos: pausing executor");
+                // Detached on purpose: resuming must happen even if nobody waits for it.
+                tokio::spawn(async move {
+                    signal(pid, "STOP").await;
+                    tokio::time::sleep(d).await;
+                    signal(pid, "CONT").await;
+                });
+            }
+        }
+    }
+}
