@@ -15,7 +15,6 @@ use futures::TryStreamExt;
 use kiln_api::{JobSpec, parse_memory};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::blocks::BlockStore;
@@ -120,7 +119,11 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
             FlightServiceServer::new(BlockFlightService::new(store.clone()))
                 .max_encoding_message_size(usize::MAX),
         )
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(
+            // The builder's nodelay applies only to listeners tonic binds itself; without it
+            // every small response waits out the peer's delayed ACK (about 40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        );
     let flight = tokio::spawn(flight);
     tracing::info!(executor = %opts.executor_id, %flight_address, slots, memory, "executor registered");
 
@@ -259,6 +262,12 @@ async fn execute(
     let stream = plan.execute(task.partition as usize, task_ctx)?;
     let batches: Vec<RecordBatch> = stream.try_collect().await?;
     let stats = read_write_stats(&batches);
+    tracing::trace!(
+        stage = task.stage_id,
+        partition = task.partition,
+        plan = %datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true),
+        "task metrics"
+    );
     let mut m = collect_metrics(&plan);
     m.output_rows = stats.iter().map(|s| s.1).sum();
     if plan.is::<SinkExec>() {

@@ -13,7 +13,6 @@ use kiln_api::JobSpec;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use job::JobOutcome;
 pub use service::Progress;
@@ -93,7 +92,10 @@ impl Driver {
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         let server = tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            // The builder's nodelay applies only to listeners tonic binds itself; without it
+            // every small response waits out the peer's delayed ACK (about 40 ms).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             if let Err(e) = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(service)
