@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use peers::{DataFusionPeer, KilnPeer, Peer, Query, TPCH_TABLES};
+use peers::{DataFusionPeer, Failure, KilnPeer, Peer, Query, TPCH_TABLES};
 use report::{QueryResult, Report};
 
 #[derive(Parser)]
@@ -114,14 +114,19 @@ fn ensure_data(kiln: &Path, scale: f64, data: &Path) -> Result<()> {
 
 fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Box<dyn Peer>> {
     Ok(match name {
-        "kiln" => Box::new(KilnPeer::new(
+        "kiln" | "kiln-kill" | "kiln-rerun" => Box::new(KilnPeer::new(
             kiln,
             data,
             args.executors,
             args.shuffle_partitions,
+            match name {
+                "kiln-kill" => Failure::Kill,
+                "kiln-rerun" => Failure::Rerun,
+                _ => Failure::None,
+            },
         )),
         "datafusion" => Box::new(DataFusionPeer::new(data)?),
-        other => bail!("unknown peer {other:?} (known: kiln, datafusion)"),
+        other => bail!("unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, datafusion)"),
     })
 }
 

@@ -41,6 +41,22 @@ pub trait Peer {
     fn run(&mut self, query: &Query) -> Result<Measurement>;
 }
 
+/// How a Kiln peer meets failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No failure.
+    None,
+    /// The executor holding the most needed outputs is killed (SIGKILL) once half of the
+    /// first shuffle stage is done; Kiln recomputes what it held.
+    Kill,
+    /// The same kill with `maxExecutorLosses: 0`, so the job fails; then it reruns from
+    /// scratch. The time is both runs: what a loss costs without lineage recovery.
+    Rerun,
+}
+
+/// The chaos event of [`Failure::Kill`] and [`Failure::Rerun`].
+const KILL_AT_HALF: &str = "at=50%,executor=busiest";
+
 /// Kiln through its CLI: `kiln run job.yaml --executors N`, one process per query, writing
 /// Parquet to a temporary directory. The time is the whole command, from start to exit,
 /// including the start of the driver and executor processes.
@@ -50,22 +66,31 @@ pub struct KilnPeer {
     executors: u32,
     shuffle_partitions: u32,
     scratch: PathBuf,
+    failure: Failure,
 }
 
 impl KilnPeer {
     /// A Kiln peer running `binary` over the tables in `data`.
-    pub fn new(binary: &Path, data: &Path, executors: u32, shuffle_partitions: u32) -> Self {
-        let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    pub fn new(
+        binary: &Path,
+        data: &Path,
+        executors: u32,
+        shuffle_partitions: u32,
+        failure: Failure,
+    ) -> Self {
+        let scratch =
+            std::env::temp_dir().join(format!("kiln-bench-{}-{failure:?}", std::process::id()));
         Self {
             binary: binary.to_path_buf(),
             data: data.to_path_buf(),
             executors,
             shuffle_partitions,
             scratch,
+            failure,
         }
     }
 
-    fn job(&self, query: &Query, out: &Path) -> serde_json::Value {
+    fn job(&self, query: &Query, out: &Path, losses: u32) -> serde_json::Value {
         let inputs: Vec<serde_json::Value> = TPCH_TABLES
             .iter()
             .map(|t| {
@@ -82,38 +107,70 @@ impl KilnPeer {
             "inputs": inputs,
             "steps": [{"name": query.name, "sql": query.sql}],
             "output": {"uri": out.display().to_string(), "format": "parquet"},
+            "failurePolicy": {"maxExecutorLosses": losses},
         })
+    }
+
+    /// One `kiln run`; returns its exit status, stderr and summary.
+    fn run_once(
+        &self,
+        query: &Query,
+        dir: &Path,
+        losses: u32,
+        chaos: Option<&str>,
+    ) -> Result<(std::process::Output, Option<serde_json::Value>)> {
+        let job_file = dir.join("job.yaml");
+        let summary_file = dir.join("summary.json");
+        let _ = std::fs::remove_file(&summary_file);
+        let job = self.job(query, &dir.join("out"), losses);
+        std::fs::write(&job_file, serde_yaml::to_string(&job)?)?;
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("run")
+            .arg(&job_file)
+            .args(["--executors", &self.executors.to_string(), "--quiet"])
+            .arg("--summary")
+            .arg(&summary_file)
+            .stdin(Stdio::null());
+        if let Some(event) = chaos {
+            command.args(["--chaos", event, "--chaos-seed", "1"]);
+        }
+        let output = command
+            .output()
+            .with_context(|| format!("cannot start {}", self.binary.display()))?;
+        let summary = std::fs::read(&summary_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Ok((output, summary))
     }
 }
 
 impl Peer for KilnPeer {
     fn name(&self) -> &str {
-        "kiln"
+        match self.failure {
+            Failure::None => "kiln",
+            Failure::Kill => "kiln-kill",
+            Failure::Rerun => "kiln-rerun",
+        }
     }
 
     fn run(&mut self, query: &Query) -> Result<Measurement> {
         let dir = self.scratch.join(&query.name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let job_file = dir.join("job.yaml");
-        let summary_file = dir.join("summary.json");
-        let job = self.job(query, &dir.join("out"));
-        std::fs::write(&job_file, serde_yaml::to_string(&job)?)?;
-
         let started = Instant::now();
-        let output = Command::new(&self.binary)
-            .arg("run")
-            .arg(&job_file)
-            .args(["--executors", &self.executors.to_string(), "--quiet"])
-            .arg("--summary")
-            .arg(&summary_file)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot start {}", self.binary.display()))?;
+        let (output, summary) = match self.failure {
+            Failure::None => self.run_once(query, &dir, 20, None)?,
+            Failure::Kill => self.run_once(query, &dir, 20, Some(KILL_AT_HALF))?,
+            Failure::Rerun => {
+                let (first, _) = self.run_once(query, &dir, 0, Some(KILL_AT_HALF))?;
+                if first.status.success() {
+                    bail!("the kill at 50% did not fail the job with maxExecutorLosses 0");
+                }
+                self.run_once(query, &dir, 20, None)?
+            }
+        };
         let elapsed = started.elapsed();
-        let summary: Option<serde_json::Value> = std::fs::read(&summary_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
         let _ = std::fs::remove_dir_all(&dir);
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -132,6 +189,7 @@ impl Peer for KilnPeer {
         let detail = serde_json::json!({
             "jobMs": summary.get("elapsedMs"),
             "totals": summary.get("totals"),
+            "recovery": summary.get("recovery"),
         });
         Ok(Measurement {
             elapsed,

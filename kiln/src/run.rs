@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// Kill (or pause) an executor process during the run, as a spot reclaim would; may be
     /// given several times. `stage=3,at=50%` once half of stage 3's tasks are done;
     /// `at=50%` the same for the first shuffle stage; `after-stage=2` once stage 2 is done.
-    /// Add `executor=exec-1` to choose the victim (default: random, from --chaos-seed) and
+    /// Add `executor=exec-1` to choose the victim (default: random, from --chaos-seed;
+    /// `executor=busiest` takes the one holding the most outputs still needed) and
     /// `pause=3s` to SIGSTOP it for that long instead of killing it. `iteration=5` fires as
     /// iteration 5 of an iterative step starts.
     #[arg(long, value_name = "EVENT")]

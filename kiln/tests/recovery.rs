@@ -109,7 +109,7 @@ fn tpch_queries_survive_a_killed_executor() {
             &rt,
             dir.path(),
             &job,
-            &["--chaos", "at=50%", "--chaos-seed", seed],
+            &["--chaos", "at=50%,executor=busiest", "--chaos-seed", seed],
             &format!("q{n} with chaos"),
         );
         match check_one_kill(&format!("q{n}"), &baseline, &summary, &batches) {
@@ -151,7 +151,7 @@ fn wordcount_survives_a_killed_executor() {
         &rt,
         dir.path(),
         &wordcount_job(&dir.path().join("chaos")),
-        &["--chaos", "at=50%", "--chaos-seed", "5"],
+        &["--chaos", "at=50%,executor=busiest", "--chaos-seed", "5"],
         "wordcount with chaos",
     );
     let note = check_one_kill("wordcount", &baseline, &summary, &batches)

@@ -54,14 +54,14 @@ impl DriverHandle {
         self.shared.progress.subscribe()
     }
 
-    /// Executors registered and live.
-    pub fn live_executors(&self) -> std::collections::BTreeSet<String> {
+    /// Live executors, with how many outputs still needed each holds.
+    pub fn outputs_held(&self) -> std::collections::BTreeMap<String, usize> {
         let state = self.shared.state.lock().unwrap();
         state
             .sched
             .executors()
             .filter(|e| !state.departed.contains(*e))
-            .cloned()
+            .map(|e| (e.clone(), state.sched.needed_outputs_on(e)))
             .collect()
     }
 }

@@ -770,6 +770,16 @@ impl Scheduler {
         })
     }
 
+    /// How many outputs still needed (of stages not released) the executor holds.
+    pub fn needed_outputs_on(&self, executor: &str) -> usize {
+        self.stages
+            .iter()
+            .filter(|(id, s)| !s.released && self.needed(**id))
+            .flat_map(|(_, s)| s.tasks.iter())
+            .filter(|t| matches!(t, TaskState::Done { executor: e } if e == executor))
+            .count()
+    }
+
     /// Outputs of each live executor, for tests and diagnostics: `stage -> partitions`.
     pub fn outputs_on(&self, executor: &str) -> HashMap<u32, Vec<u32>> {
         let mut out: HashMap<u32, Vec<u32>> = HashMap::new();

@@ -1,7 +1,7 @@
 //! Chaos for local mode and tests: kill (or pause) an executor process at a chosen point of
 //! the job, the way a spot reclaim would, repeatable with a seed. A pure state machine fed
 //! the driver's progress events; the local runner carries out what it decides.
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ pub enum ChaosAction {
 pub enum ChaosTarget {
     /// One of the live executors, chosen with the seed.
     Random,
+    /// The live executor holding the most outputs still needed: the costliest loss.
+    Busiest,
     /// This executor.
     Executor(String),
 }
@@ -67,8 +69,10 @@ impl fmt::Display for ChaosEvent {
                 write!(f, "at={percent}%")?;
             }
         }
-        if let ChaosTarget::Executor(e) = &self.target {
-            write!(f, ",executor={e}")?;
+        match &self.target {
+            ChaosTarget::Executor(e) => write!(f, ",executor={e}")?,
+            ChaosTarget::Busiest => write!(f, ",executor=busiest")?,
+            ChaosTarget::Random => {}
         }
         if let ChaosAction::Pause(d) = self.action {
             write!(f, ",pause={}ms", d.as_millis())?;
@@ -132,6 +136,7 @@ impl std::str::FromStr for ChaosEvent {
                     percent = Some(p);
                 }
                 "executor" if value == "random" => {}
+                "executor" if value == "busiest" => target = ChaosTarget::Busiest,
                 "executor" => target = ChaosTarget::Executor(value.to_string()),
                 "pause" => action = ChaosAction::Pause(parse_duration(spec, value)?),
                 "kill" | "signal" if value == "kill" || value == "true" => {}
@@ -233,8 +238,8 @@ impl Chaos {
     }
 
     /// Feeds one progress event; returns the orders it triggers. `live` are the executors
-    /// that can be hit now.
-    pub fn observe(&mut self, event: &Progress, live: &BTreeSet<String>) -> Vec<ChaosOrder> {
+    /// that can be hit now, with the number of needed outputs each holds.
+    pub fn observe(&mut self, event: &Progress, live: &BTreeMap<String, usize>) -> Vec<ChaosOrder> {
         if let Progress::StageSubmitted {
             stage,
             shuffle: true,
@@ -277,8 +282,12 @@ impl Chaos {
                 ChaosTarget::Random if live.is_empty() => None,
                 ChaosTarget::Random => {
                     let k = (self.rng.next() % live.len() as u64) as usize;
-                    live.iter().nth(k).cloned()
+                    live.keys().nth(k).cloned()
                 }
+                ChaosTarget::Busiest => live
+                    .iter()
+                    .max_by_key(|(id, held)| (**held, std::cmp::Reverse(*id)))
+                    .map(|(id, _)| id.clone()),
             };
             if let Some(executor) = executor {
                 orders.push(ChaosOrder {
@@ -296,8 +305,10 @@ impl Chaos {
 mod tests {
     use super::*;
 
-    fn live() -> BTreeSet<String> {
-        (0..4).map(|i| format!("exec-{i}")).collect()
+    fn live() -> BTreeMap<String, usize> {
+        (0..4)
+            .map(|i| (format!("exec-{i}"), [2, 5, 5, 1][i]))
+            .collect()
     }
 
     fn submitted(stage: u32, shuffle: bool) -> Progress {
@@ -370,7 +381,13 @@ mod tests {
                 .clone()
         };
         assert_eq!(pick(42), pick(42));
-        let picks: BTreeSet<String> = (0..32).map(pick).collect();
+        let picks: std::collections::BTreeSet<String> = (0..32).map(pick).collect();
         assert!(picks.len() > 1, "{picks:?}");
+        let mut busiest = Chaos::new(vec!["after-stage=1,executor=busiest".parse().unwrap()], 1);
+        let orders = busiest.observe(&Progress::StageDone { stage: 1 }, &live());
+        assert_eq!(
+            orders[0].executor, "exec-1",
+            "most outputs, lowest id on a tie"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The local runner's executor processes: starts them, notices when one dies or is declared
 //! lost, tells the driver and starts a replacement under a new id (as the operator does with
 //! pods), and carries out chaos orders.
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Instant;
@@ -233,11 +233,11 @@ impl Fleet {
             // ignores it from now on and it exits when it hears so. Replace it now.
             self.replace(&executor.clone(), waiters, exits);
         }
-        let live: BTreeSet<String> = self
+        let live: BTreeMap<String, usize> = self
             .driver
-            .live_executors()
+            .outputs_held()
             .into_iter()
-            .filter(|e| self.running.contains_key(e))
+            .filter(|(e, _)| self.running.contains_key(e))
             .collect();
         for order in self.chaos.observe(event, &live) {
             self.carry_out(order);
