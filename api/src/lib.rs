@@ -2,6 +2,7 @@
 //! quantities, validation and the loader that accepts a bare spec or a whole manifest.
 #![forbid(unsafe_code)]
 
+pub mod crd;
 mod error;
 mod load;
 mod quantity;
@@ -16,12 +17,13 @@ pub mod rpc {
     tonic::include_proto!("kiln.v1");
 }
 
+pub use crd::{ComputeJob, ComputeJobStatus, JobPhase};
 pub use error::{Error, Result};
 pub use load::{load_job, parse_job};
 pub use quantity::{parse_cpu, parse_memory};
 pub use report::{DriverReport, TERMINATION_MESSAGE_LIMIT};
 pub use spec::*;
-pub use validate::{FieldError, validate};
+pub use validate::{FieldError, RESERVED_ENV_PREFIX, RESERVED_MOUNT_PATHS, validate};
 
 /// The API group of Kiln's custom resources.
 pub const GROUP: &str = "kiln.dev";

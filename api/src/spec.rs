@@ -1,11 +1,72 @@
 //! The job spec: named inputs, SQL steps, an output, and the resources to run them with.
-//! The same structure is the `spec` of a ComputeJob and the file `kiln run` reads.
+//! The same structure is the `spec` of a ComputeJob and the file `kiln run` reads; the fields
+//! only the operator uses (`suspend`, `ttlSecondsAfterFinished`, `activeDeadlineSeconds`, the
+//! pod `template`s) are ignored in local mode.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, Toleration, Volume, VolumeMount};
+use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A Kiln job: SQL steps over named inputs, run by one driver and a set of executors.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+// `printcolumn` is repeated by design: one attribute per column.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "ComputeJob",
+    namespaced,
+    shortname = "cj",
+    status = "crate::crd::ComputeJobStatus",
+    derive = "PartialEq",
+    doc = "A batch of SQL steps over named inputs, run by one driver pod on on-demand nodes and executor pods (by default on spot nodes)",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        description = "Pending, Running, Succeeded, Failed or Suspended",
+        json_path = ".status.phase"
+    ),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        description = "Tasks done of tasks planned so far",
+        json_path = ".status.progress.summary"
+    ),
+    printcolumn(
+        name = "Executors",
+        type_ = "string",
+        description = "Executors running of desired",
+        json_path = ".status.executors.summary"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.output) || !has(self.output.from) || self.steps.exists(s, s.name == self.output.from)",
+        "message": "output.from must name one of the steps",
+        "fieldPath": ".output",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.steps.all(s, !self.inputs.exists(i, i.name == s.name))",
+        "message": "a step may not have the name of an input",
+        "fieldPath": ".steps",
+        "reason": "FieldValueDuplicate"
+    },
+    {
+        "rule": "self.steps.all(s, self.steps.exists_one(t, t.name == s.name)) && self.inputs.all(s, self.inputs.exists_one(t, t.name == s.name))",
+        "message": "input and step names must be unique",
+        "fieldPath": ".steps",
+        "reason": "FieldValueDuplicate"
+    }
+]))]
 pub struct JobSpec {
     /// Container image for the driver and executor pods. Ignored in local mode; defaults to
     /// the operator's configured image.
@@ -20,15 +81,19 @@ pub struct JobSpec {
     /// Number of partitions a shuffle (GROUP BY, JOIN, window) hashes rows into, and the
     /// number of tasks input scans are split into. Like Spark's `spark.sql.shuffle.partitions`.
     #[serde(default = "default_shuffle_partitions")]
+    #[schemars(range(min = 1, max = 100000))]
     pub shuffle_partitions: u32,
     /// A join side estimated smaller than this (bytes, or a quantity such as `10Mi`) is
     /// broadcast to every task of the join instead of shuffling both sides.
     #[serde(default = "default_broadcast_threshold")]
+    #[schemars(regex(pattern = MEMORY_PATTERN))]
     pub broadcast_join_threshold: String,
     /// Named input datasets; steps refer to them as tables.
     #[serde(default)]
+    #[schemars(length(max = 100))]
     pub inputs: Vec<InputSpec>,
     /// SQL steps, in order. A step may refer to inputs and to earlier steps by name.
+    #[schemars(length(min = 1, max = 100))]
     pub steps: Vec<StepSpec>,
     /// Where the result goes. Without it, the last step's rows are returned to the caller
     /// (printed by `kiln run`, summarised in the driver's status).
@@ -37,6 +102,63 @@ pub struct JobSpec {
     /// Retry and loss budgets.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// Operator only: `true` deletes the job's pods and keeps its status; setting it back to
+    /// `false` runs the job again from the start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// Operator only: seconds after the job finished (Succeeded or Failed) when the ComputeJob
+    /// and everything it owns are deleted. Unset: kept until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 31536000))]
+    pub ttl_seconds_after_finished: Option<u32>,
+    /// Operator only: the longest the job may run, in seconds from its start (or its last
+    /// resume); past it the pods are deleted and the job fails with `DeadlineExceeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<u64>,
+}
+
+/// Operator only: additions to the pods of one role (driver or executors), e.g. storage
+/// credentials, data volumes, a service account for cloud identity.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodTemplate {
+    /// Labels added to the pods (the `kiln.dev/` labels the operator sets win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Node labels the pods additionally require (on top of the placement's affinity).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations added to the pods (spot tolerations come from the placement).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Environment variables of the container, e.g. `AWS_*` from a Secret for S3 inputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Whole ConfigMaps or Secrets as environment variables (storage credentials).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+    /// Volumes added to the pods, e.g. a PersistentVolumeClaim holding input data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::crd::volumes_schema")]
+    pub volumes: Vec<Volume>,
+    /// Where the container mounts those volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Service account of the pods, for cloud identity (IRSA, Workload Identity). Set, the
+    /// pods get its token; unset, they run with no service-account token at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+}
+
+impl PodTemplate {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        self == &PodTemplate::default()
+    }
 }
 
 /// Resources of the driver process.
@@ -45,10 +167,15 @@ pub struct JobSpec {
 pub struct DriverSpec {
     /// CPU request and limit of the driver pod (a Kubernetes quantity, e.g. `1` or `500m`).
     #[serde(default = "default_cpu")]
+    #[schemars(regex(pattern = CPU_PATTERN))]
     pub cpu: String,
     /// Memory request and limit of the driver pod (a Kubernetes quantity, e.g. `2Gi`).
     #[serde(default = "default_driver_memory")]
+    #[schemars(regex(pattern = MEMORY_PATTERN))]
     pub memory: String,
+    /// Operator only: additions to the driver pod.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub template: PodTemplate,
 }
 
 impl Default for DriverSpec {
@@ -56,6 +183,7 @@ impl Default for DriverSpec {
         Self {
             cpu: default_cpu(),
             memory: default_driver_memory(),
+            template: PodTemplate::default(),
         }
     }
 }
@@ -76,24 +204,31 @@ pub enum Placement {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecutorsSpec {
-    /// Number of executors.
+    /// Number of executors (at most 512).
     #[serde(default = "default_executor_count")]
+    #[schemars(range(min = 1, max = 512))]
     pub count: u32,
     /// CPU of each executor (a Kubernetes quantity). It also sets the number of tasks an
     /// executor runs at once (rounded up, at least 1) unless `slots` is given.
     #[serde(default = "default_cpu")]
+    #[schemars(regex(pattern = CPU_PATTERN))]
     pub cpu: String,
     /// Memory budget of each executor (a Kubernetes quantity, e.g. `4Gi`): operators
     /// (aggregations, sorts, joins) spill to disk beyond their share of it, and shuffle and
     /// cached blocks move to local disk when it is full.
     #[serde(default = "default_executor_memory")]
+    #[schemars(regex(pattern = MEMORY_PATTERN))]
     pub memory: String,
     /// Where executor pods run: `Spot`, `OnDemand` or `Any`.
     #[serde(default)]
     pub placement: Placement,
     /// Concurrent tasks per executor; defaults to the CPU count rounded up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub slots: Option<u32>,
+    /// Operator only: additions to the executor pods.
+    #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
+    pub template: PodTemplate,
 }
 
 impl Default for ExecutorsSpec {
@@ -104,6 +239,7 @@ impl Default for ExecutorsSpec {
             memory: default_executor_memory(),
             placement: Placement::default(),
             slots: None,
+            template: PodTemplate::default(),
         }
     }
 }
@@ -148,6 +284,7 @@ pub struct InputOptions {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InputSpec {
     /// Table name the steps use for this input (a SQL identifier).
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
     /// File format: `csv`, `tsv`, `parquet`, `json` (newline-delimited) or `text`.
     pub format: InputFormat,
@@ -176,6 +313,7 @@ pub enum CacheLevel {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepSpec {
     /// Table name later steps and the output use for this step's result (a SQL identifier).
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
     /// One SQL query (DataFusion dialect) over inputs and earlier steps. In an iterative step
     /// (one with `repeat` or `until`) it is the body of an iteration, and the step's own name
@@ -263,6 +401,7 @@ pub enum WriteMode {
 pub struct OutputSpec {
     /// The step whose rows are written (default: the last step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub from: Option<String>,
     /// A directory: local path, `file://`, or `s3://bucket/prefix/`. Each result partition
     /// becomes one `part-NNNNN.<format>` file, and `_SUCCESS` marks a complete write.
@@ -312,11 +451,32 @@ impl Default for JobSpec {
             steps: Vec::new(),
             output: None,
             failure_policy: FailurePolicy::default(),
+            suspend: false,
+            ttl_seconds_after_finished: None,
+            active_deadline_seconds: None,
         }
     }
 }
 
+/// What a memory quantity looks like (`512Mi`, `4Gi`, `1e9`, `1.5G`): the CRD's pattern for
+/// memory fields, matching what [`crate::parse_memory`] accepts.
+pub const MEMORY_PATTERN: &str = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][0-9]+|k|M|G|T|Ki|Mi|Gi|Ti)?$";
+/// What a CPU quantity looks like (`2`, `0.5`, `500m`): the CRD's pattern for CPU fields,
+/// matching what [`crate::parse_cpu`] accepts.
+pub const CPU_PATTERN: &str = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)m?$";
+
 impl JobSpec {
+    /// The spec as the engine needs it: the operator-only fields cleared.
+    pub fn for_engine(&self) -> JobSpec {
+        let mut spec = self.clone();
+        spec.suspend = false;
+        spec.ttl_seconds_after_finished = None;
+        spec.active_deadline_seconds = None;
+        spec.driver.template = PodTemplate::default();
+        spec.executors.template = PodTemplate::default();
+        spec
+    }
+
     /// The step the job's result comes from: `output.from`, else the last step.
     pub fn target_step(&self) -> Option<&StepSpec> {
         match self.output.as_ref().and_then(|o| o.from.as_deref()) {

@@ -3,6 +3,11 @@ use std::collections::HashSet;
 
 use crate::{InputFormat, JobSpec, MAX_EXECUTORS, MAX_ITERATIONS, parse_cpu, parse_memory};
 
+/// Environment variables the operator sets on job pods; a pod template may not set them.
+pub const RESERVED_ENV_PREFIX: &str = "KILN_";
+/// Mount paths the operator uses in job pods (the job spec, scratch space).
+pub const RESERVED_MOUNT_PATHS: [&str; 2] = ["/etc/kiln", "/tmp"];
+
 /// One broken rule: the field's path and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
@@ -170,6 +175,56 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
         }
     }
 
+    for (role, template) in [
+        ("driver", &spec.driver.template),
+        ("executors", &spec.executors.template),
+    ] {
+        for (i, var) in template.env.iter().enumerate() {
+            if var.name.starts_with(RESERVED_ENV_PREFIX) {
+                err(
+                    format!("{role}.template.env[{i}].name"),
+                    format!(
+                        "`{}`: variables starting with {RESERVED_ENV_PREFIX} are set by the operator",
+                        var.name
+                    ),
+                );
+            }
+        }
+        for (i, mount) in template.volume_mounts.iter().enumerate() {
+            let path = mount.mount_path.trim_end_matches('/');
+            if RESERVED_MOUNT_PATHS.contains(&path) {
+                err(
+                    format!("{role}.template.volumeMounts[{i}].mountPath"),
+                    format!(
+                        "`{}` is where the operator mounts the job's own files",
+                        mount.mount_path
+                    ),
+                );
+            }
+            if !template.volumes.iter().any(|v| v.name == mount.name) {
+                err(
+                    format!("{role}.template.volumeMounts[{i}].name"),
+                    format!(
+                        "no volume in {role}.template.volumes is named `{}`",
+                        mount.name
+                    ),
+                );
+            }
+        }
+    }
+    if spec
+        .ttl_seconds_after_finished
+        .is_some_and(|t| t > 365 * 24 * 3600)
+    {
+        err(
+            "ttlSecondsAfterFinished".into(),
+            "must be at most a year (31536000)".into(),
+        );
+    }
+    if spec.active_deadline_seconds == Some(0) {
+        err("activeDeadlineSeconds".into(), "must be at least 1".into());
+    }
+
     if let Some(out) = &spec.output {
         if let Some(from) = &out.from
             && !spec.steps.iter().any(|s| &s.name == from)
@@ -258,6 +313,30 @@ mod tests {
                 "steps[2].initial",
                 "steps[2].repeat",
                 "output.from"
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_templates_may_not_take_the_operators_names() {
+        let mut spec = job();
+        let t: crate::PodTemplate = serde_json::from_value(serde_json::json!({
+            "env": [{"name": "AWS_REGION", "value": "x"}, {"name": "KILN_TOKEN", "value": "x"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "c"}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                             {"name": "data", "mountPath": "/tmp/"},
+                             {"name": "nope", "mountPath": "/x"}],
+        }))
+        .unwrap();
+        spec.executors.template = t;
+        spec.active_deadline_seconds = Some(0);
+        assert_eq!(
+            fields(&spec),
+            [
+                "executors.template.env[1].name",
+                "executors.template.volumeMounts[1].mountPath",
+                "executors.template.volumeMounts[2].name",
+                "activeDeadlineSeconds"
             ]
         );
     }

@@ -112,6 +112,13 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     };
     let slots = opts.slots.unwrap_or_else(|| spec.executor_slots()).max(1) as usize;
     let block_budget = (memory as f64 * (1.0 - OPERATOR_MEMORY_FRACTION)) as u64;
+    for dir in [opts.work_dir.join("blocks"), opts.work_dir.join("spill")] {
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let store = Arc::new(BlockStore::new(block_budget, opts.work_dir.join("blocks")));
     let flight = tonic::transport::Server::builder()
         .tcp_nodelay(true)

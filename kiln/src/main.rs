@@ -2,6 +2,8 @@
 //! a cluster.
 #![forbid(unsafe_code)]
 
+mod crd;
+mod operator;
 mod progress;
 mod run;
 mod tpch;
@@ -32,6 +34,11 @@ enum Command {
     Executor(ExecutorArgs),
     /// Generate the 8 TPC-H tables as Parquet files.
     Tpch(TpchArgs),
+    /// Write the ComputeJob CustomResourceDefinition (crds/computejob.yaml) generated from
+    /// the types; `--check` fails when the file differs from them.
+    Crd(crd::CrdArgs),
+    /// Run the Kubernetes operator: reconciles ComputeJobs into driver and executor pods.
+    Operator(operator::OperatorArgs),
 }
 
 #[derive(clap::Args)]
@@ -129,6 +136,14 @@ fn main() -> std::process::ExitCode {
             Command::Executor(args) => {
                 init_tracing("info");
                 executor(args).await
+            }
+            Command::Crd(args) => {
+                init_tracing("warn");
+                crd::crd(args)
+            }
+            Command::Operator(args) => {
+                operator::init_tracing(&args.log_format);
+                operator::operator(args).await
             }
             Command::Tpch(args) => {
                 init_tracing("warn");

@@ -139,6 +139,11 @@ impl PeerClients {
                 source,
             })?
             .connect_timeout(std::time::Duration::from_secs(5))
+            // A peer whose node vanished never closes its connections: HTTP/2 pings find
+            // out, so a fetch from it fails (and is retried from lineage) within seconds.
+            .http2_keep_alive_interval(std::time::Duration::from_secs(3))
+            .keep_alive_timeout(std::time::Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
         channels.insert(address.into(), channel.clone());

@@ -6,6 +6,8 @@
 //! exports `KUBECONFIG` and `KILN_NODE_AGENT_CONTROL`, and tears it down.
 #![forbid(unsafe_code)]
 
+pub mod operator;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;

@@ -247,7 +247,14 @@ pub fn container_mounts(
         .filter_map(|m| {
             let base = volumes.get(&m.name)?;
             let source = match m.sub_path.as_deref() {
-                Some(sub) if !sub.is_empty() && !sub.contains("..") => base.join(sub),
+                Some(sub) if !sub.is_empty() && !sub.contains("..") => {
+                    let path = base.join(sub);
+                    // Like the kubelet: a missing subPath of a directory volume is created.
+                    if base.is_dir() && !path.exists() {
+                        let _ = std::fs::create_dir_all(&path);
+                    }
+                    path
+                }
                 _ => base.clone(),
             };
             Some(Mount {

@@ -1,0 +1,130 @@
+//! Talking to a job's driver over its control protocol: `ExecutorLost` when the operator
+//! sees an executor pod go, `JobStatus` for the ComputeJob's progress. Behind a trait so the
+//! reconciler's tests can stand in for the driver.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_api::rpc::driver_client::DriverClient;
+use kiln_api::rpc::{ExecutorLostRequest, JobStatusRequest, JobStatusResponse};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::children::DRIVER_PORT;
+use crate::podstate::LossReason;
+
+/// A failed call to a driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverCallError {
+    /// The driver's address is not a valid endpoint.
+    #[error("bad driver address {address}: {source}")]
+    Address {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    /// The call failed (driver unreachable, timed out, rejected the token).
+    #[error("{call} on the driver at {address}: {source}")]
+    Call {
+        call: &'static str,
+        address: String,
+        source: tonic::Status,
+    },
+}
+
+/// The calls the operator makes to a driver.
+#[async_trait::async_trait]
+pub trait DriverApi: Send + Sync {
+    /// Tells the driver at `driver_ip` that `executor` is gone; returns whether the driver
+    /// still counted it live.
+    async fn executor_lost(
+        &self,
+        driver_ip: &str,
+        executor: &str,
+        reason: LossReason,
+        occurred_unix_ms: u64,
+        token: &str,
+    ) -> Result<bool, DriverCallError>;
+
+    /// The job's progress so far.
+    async fn job_status(
+        &self,
+        driver_ip: &str,
+        token: &str,
+    ) -> Result<JobStatusResponse, DriverCallError>;
+}
+
+/// The real driver client: one lazily connected channel per driver address.
+#[derive(Default)]
+pub struct GrpcDriver {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// How long one call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl GrpcDriver {
+    fn client(&self, ip: &str) -> Result<DriverClient<Channel>, DriverCallError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(ip) {
+            return Ok(DriverClient::new(c.clone()));
+        }
+        let address = format!("http://{ip}:{DRIVER_PORT}");
+        let channel = Endpoint::from_shared(address.clone())
+            .map_err(|source| DriverCallError::Address { address, source })?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        // Drivers come and go with their jobs: keep the map small.
+        if channels.len() > 256 {
+            channels.clear();
+        }
+        channels.insert(ip.to_string(), channel.clone());
+        Ok(DriverClient::new(channel))
+    }
+}
+
+#[async_trait::async_trait]
+impl DriverApi for GrpcDriver {
+    async fn executor_lost(
+        &self,
+        driver_ip: &str,
+        executor: &str,
+        reason: LossReason,
+        occurred_unix_ms: u64,
+        token: &str,
+    ) -> Result<bool, DriverCallError> {
+        let response = self
+            .client(driver_ip)?
+            .executor_lost(ExecutorLostRequest {
+                executor_id: executor.to_string(),
+                reason: reason.as_str().to_string(),
+                token: token.to_string(),
+                occurred_unix_ms,
+            })
+            .await
+            .map_err(|source| DriverCallError::Call {
+                call: "ExecutorLost",
+                address: driver_ip.to_string(),
+                source,
+            })?;
+        Ok(response.into_inner().known)
+    }
+
+    async fn job_status(
+        &self,
+        driver_ip: &str,
+        token: &str,
+    ) -> Result<JobStatusResponse, DriverCallError> {
+        let response = self
+            .client(driver_ip)?
+            .job_status(JobStatusRequest {
+                token: token.to_string(),
+            })
+            .await
+            .map_err(|source| DriverCallError::Call {
+                call: "JobStatus",
+                address: driver_ip.to_string(),
+                source,
+            })?;
+        Ok(response.into_inner())
+    }
+}

@@ -1,0 +1,616 @@
+//! Pure builders of a job's driver and executor pods: placement (affinity and tolerations
+//! from the operator's configuration), resources, security context and the command line.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, PreferredSchedulingTerm,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Toleration, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kiln_api::crd::{LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
+use kiln_api::{ComputeJob, Placement, PodTemplate};
+use kube::ResourceExt;
+
+use crate::children::{
+    DRIVER_PORT, SPEC_KEY, TOKEN_KEY, child_meta, driver_name, executor_name, spec_config_map_name,
+    token_secret_name,
+};
+use crate::config::OperatorConfig;
+
+/// The container command of every job pod: the `kiln` binary, which the image must have on
+/// its `PATH` (and which is its ENTRYPOINT). The subcommand (`driver`, `executor`) and flags
+/// follow as `args`.
+pub const ENTRYPOINT: &[&str] = &["kiln"];
+/// Where the driver finds the job spec (the spec ConfigMap is mounted there).
+pub const SPEC_DIR: &str = "/etc/kiln";
+/// The scratch emptyDir: the root filesystem is read-only, so temporary files, spills and
+/// shuffle blocks that leave memory go here.
+pub const SCRATCH_DIR: &str = "/tmp";
+/// The executors' work directory, inside the scratch volume.
+pub const WORK_DIR: &str = "/tmp/kiln-work";
+/// The executor's spill directory under [`WORK_DIR`], which must exist when it starts: the
+/// scratch volume is mounted there a second time with a `subPath`, which has the kubelet
+/// create the directory (the image may have no shell to `mkdir` it).
+pub const SPILL_SUB_PATH: &str = "kiln-work/spill";
+/// Where the driver writes its JSON report for the operator.
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// The unprivileged user and group job containers run as.
+pub const RUN_AS_USER: i64 = 65532;
+
+/// What the builders need besides the job: the operator's configuration and the image.
+#[derive(Clone, Copy)]
+pub struct PodContext<'a> {
+    /// The job.
+    pub job: &'a ComputeJob,
+    /// The operator's configuration (node labels, tolerations).
+    pub config: &'a OperatorConfig,
+    /// The image of the job's pods (`spec.image`, else the operator's default).
+    pub image: &'a str,
+}
+
+/// Memory of a pod: the budget the engine uses, plus room for the process itself (10%, at
+/// least 384Mi), in MiB rounded up.
+pub fn memory_with_overhead(bytes: u64) -> Quantity {
+    let mib = 1u64 << 20;
+    let total = bytes + (bytes / 10).max(384 * mib);
+    Quantity(format!("{}Mi", total.div_ceil(mib)))
+}
+
+fn requirement(key: &str, operator: &str, values: &[String]) -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
+        key: key.into(),
+        operator: operator.into(),
+        values: Some(values.to_vec()),
+    }
+}
+
+/// Node affinity that keeps a pod off spot nodes: no spot label with a spot value (ANDed in
+/// one term); with on-demand labels configured, each term also requires one of them.
+fn on_demand_affinity(config: &OperatorConfig) -> NodeAffinity {
+    let not_spot: Vec<NodeSelectorRequirement> = config
+        .spot_node_labels
+        .iter()
+        .map(|l| requirement(&l.key, "NotIn", &l.values))
+        .collect();
+    let terms = if config.on_demand_node_labels.is_empty() {
+        vec![NodeSelectorTerm {
+            match_expressions: Some(not_spot),
+            ..Default::default()
+        }]
+    } else {
+        config
+            .on_demand_node_labels
+            .iter()
+            .map(|l| {
+                let mut exprs = not_spot.clone();
+                exprs.push(requirement(&l.key, "In", &l.values));
+                NodeSelectorTerm {
+                    match_expressions: Some(exprs),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    };
+    NodeAffinity {
+        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+            node_selector_terms: terms,
+        }),
+        ..Default::default()
+    }
+}
+
+/// One term per spot label: a node with any of them matches.
+fn spot_terms(config: &OperatorConfig) -> Vec<NodeSelectorTerm> {
+    config
+        .spot_node_labels
+        .iter()
+        .map(|l| NodeSelectorTerm {
+            match_expressions: Some(vec![requirement(&l.key, "In", &l.values)]),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Affinity and tolerations of executor pods for a placement.
+pub fn executor_placement(
+    placement: Placement,
+    config: &OperatorConfig,
+) -> (NodeAffinity, Vec<Toleration>) {
+    match placement {
+        Placement::Spot => (
+            NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: spot_terms(config),
+                }),
+                ..Default::default()
+            },
+            config.spot_tolerations.clone(),
+        ),
+        Placement::OnDemand => (on_demand_affinity(config), Vec::new()),
+        // Either kind of node; spot preferred, as it is the cheaper.
+        Placement::Any => (
+            NodeAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(
+                    spot_terms(config)
+                        .into_iter()
+                        .map(|preference| PreferredSchedulingTerm {
+                            preference,
+                            weight: 50,
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            config.spot_tolerations.clone(),
+        ),
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn env_from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn token_env(job: &str) -> EnvVar {
+    EnvVar {
+        name: "KILN_TOKEN".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: token_secret_name(job),
+                key: TOKEN_KEY.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+struct Role<'a> {
+    name: &'static str,
+    pod_name: String,
+    extra_labels: Vec<(&'static str, String)>,
+    template: &'a PodTemplate,
+    affinity: NodeAffinity,
+    tolerations: Vec<Toleration>,
+    args: Vec<String>,
+    env: Vec<EnvVar>,
+    cpu: &'a str,
+    memory_bytes: u64,
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+    ports: Vec<ContainerPort>,
+}
+
+fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
+    let t = role.template;
+    let job = ctx.job.name_any();
+    let mut meta = child_meta(ctx.job, role.pod_name, &[]);
+    let mut labels: BTreeMap<String, String> = t.labels.clone();
+    labels.insert(LABEL_JOB.into(), job.clone());
+    labels.insert(LABEL_ROLE.into(), role.name.into());
+    labels.extend(
+        role.extra_labels
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    meta.labels = Some(labels);
+    meta.annotations = (!t.annotations.is_empty()).then(|| t.annotations.clone());
+
+    let mut volumes = vec![Volume {
+        name: "scratch".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    volumes.extend(role.volumes);
+    volumes.extend(t.volumes.iter().cloned());
+    let mut mounts = vec![VolumeMount {
+        name: "scratch".into(),
+        mount_path: SCRATCH_DIR.into(),
+        ..Default::default()
+    }];
+    mounts.extend(role.mounts);
+    mounts.extend(t.volume_mounts.iter().cloned());
+    let mut env_vars = role.env;
+    env_vars.extend(t.env.iter().cloned());
+    let mut tolerations = role.tolerations;
+    tolerations.extend(t.tolerations.iter().cloned());
+
+    let memory = memory_with_overhead(role.memory_bytes);
+    let resources = ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(role.cpu.to_string())),
+            ("memory".to_string(), memory.clone()),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
+        ..Default::default()
+    };
+    let container = Container {
+        name: role.name.into(),
+        image: Some(ctx.image.into()),
+        command: Some(ENTRYPOINT.iter().map(|s| s.to_string()).collect()),
+        args: Some(role.args),
+        env: Some(env_vars),
+        env_from: (!t.env_from.is_empty()).then(|| t.env_from.clone()),
+        resources: Some(resources),
+        volume_mounts: Some(mounts),
+        ports: (!role.ports.is_empty()).then_some(role.ports),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(SecurityContext {
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Pod {
+        metadata: meta,
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            // Job pods never talk to the API server, unless a service account is named for
+            // cloud identity (whose token the cloud's webhook or SDK needs).
+            automount_service_account_token: Some(t.service_account_name.is_some()),
+            service_account_name: t.service_account_name.clone(),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(10),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..Default::default()
+            }),
+            node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
+            affinity: Some(Affinity {
+                node_affinity: Some(role.affinity),
+                ..Default::default()
+            }),
+            tolerations: (!tolerations.is_empty()).then_some(tolerations),
+            volumes: Some(volumes),
+            containers: vec![container],
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The driver pod of attempt `attempt`: on on-demand nodes, the spec mounted from its
+/// ConfigMap, its report written as the termination message.
+pub fn driver_pod(ctx: PodContext<'_>, attempt: u32) -> Pod {
+    let job = ctx.job.name_any();
+    let spec = &ctx.job.spec;
+    let spec_file = format!("{SPEC_DIR}/{SPEC_KEY}");
+    pod(
+        ctx,
+        Role {
+            name: ROLE_DRIVER,
+            pod_name: driver_name(&job),
+            extra_labels: vec![(LABEL_ATTEMPT, attempt.to_string())],
+            template: &spec.driver.template,
+            affinity: on_demand_affinity(ctx.config),
+            tolerations: Vec::new(),
+            args: [
+                "driver",
+                "--spec",
+                &spec_file,
+                "--bind",
+                &format!("0.0.0.0:{DRIVER_PORT}"),
+                "--termination-message",
+                TERMINATION_MESSAGE_PATH,
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: vec![token_env(&job)],
+            cpu: &spec.driver.cpu,
+            memory_bytes: kiln_api::parse_memory(&spec.driver.memory).unwrap_or(1 << 30),
+            volumes: vec![Volume {
+                name: "spec".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: spec_config_map_name(&job),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            mounts: vec![VolumeMount {
+                name: "spec".into(),
+                mount_path: SPEC_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }],
+            ports: vec![ContainerPort {
+                name: Some("control".into()),
+                container_port: DRIVER_PORT.into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }],
+        },
+    )
+}
+
+/// Executor pod number `index`, dialling the driver at `driver_ip`. Its executor id is its
+/// pod name, so the operator's `ExecutorLost(pod name)` names it to the driver.
+pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
+    let job = ctx.job.name_any();
+    let spec = &ctx.job.spec;
+    let name = executor_name(&job, index);
+    let (affinity, tolerations) = executor_placement(spec.executors.placement, ctx.config);
+    pod(
+        ctx,
+        Role {
+            name: ROLE_EXECUTOR,
+            pod_name: name.clone(),
+            extra_labels: Vec::new(),
+            template: &spec.executors.template,
+            affinity,
+            tolerations,
+            args: ["executor", "--work-dir", WORK_DIR]
+                .map(String::from)
+                .to_vec(),
+            env: vec![
+                env("KILN_DRIVER", format!("http://{driver_ip}:{DRIVER_PORT}")),
+                env("KILN_EXECUTOR_ID", name),
+                env_from_field("KILN_ADVERTISE_HOST", "status.podIP"),
+                token_env(&job),
+            ],
+            cpu: &spec.executors.cpu,
+            memory_bytes: kiln_api::parse_memory(&spec.executors.memory).unwrap_or(2 << 30),
+            volumes: Vec::new(),
+            mounts: vec![VolumeMount {
+                name: "scratch".into(),
+                mount_path: format!("{SCRATCH_DIR}/{SPILL_SUB_PATH}"),
+                sub_path: Some(SPILL_SUB_PATH.into()),
+                ..Default::default()
+            }],
+            ports: Vec::new(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::job;
+
+    fn ctx<'a>(job: &'a ComputeJob, config: &'a OperatorConfig) -> PodContext<'a> {
+        PodContext {
+            job,
+            config,
+            image: "kiln:test",
+        }
+    }
+
+    fn terms(p: &Pod) -> Vec<NodeSelectorTerm> {
+        p.spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .clone()
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .map(|s| s.node_selector_terms)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn driver_stays_off_spot_and_runs_locked_down() {
+        let (j, config) = (job("wc"), OperatorConfig::default());
+        let p = driver_pod(ctx(&j, &config), 2);
+        let labels = p.metadata.labels.clone().unwrap();
+        assert_eq!(labels[LABEL_JOB], "wc");
+        assert_eq!(labels[LABEL_ROLE], "driver");
+        assert_eq!(labels[LABEL_ATTEMPT], "2");
+        let t = terms(&p);
+        assert_eq!(t.len(), 1, "one term: every spot label absent");
+        let exprs = t[0].match_expressions.clone().unwrap();
+        assert!(exprs.iter().all(|e| e.operator == "NotIn"));
+        assert!(exprs.iter().any(|e| e.key == "karpenter.sh/capacity-type"
+            && e.values.as_deref() == Some(&["spot".to_string()][..])));
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.tolerations, None);
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+        let c = &spec.containers[0];
+        assert_eq!(c.command.as_deref().unwrap(), ["kiln"]);
+        assert_eq!(
+            c.args.as_ref().unwrap()[..3],
+            ["driver", "--spec", "/etc/kiln/job.yaml"]
+        );
+        assert_eq!(
+            c.security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+        let mounts: Vec<&str> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, ["/tmp", "/etc/kiln"]);
+        let token = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "KILN_TOKEN")
+            .unwrap();
+        assert_eq!(
+            token
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "wc-token"
+        );
+    }
+
+    #[test]
+    fn executors_follow_their_placement() {
+        let config = OperatorConfig::default();
+        let mut j = job("wc");
+        let p = executor_pod(ctx(&j, &config), 3, "10.244.1.5");
+        assert_eq!(p.metadata.name.as_deref(), Some("wc-exec-3"));
+        assert_eq!(p.metadata.labels.as_ref().unwrap()[LABEL_ROLE], "executor");
+        let t = terms(&p);
+        assert_eq!(
+            t.len(),
+            config.spot_node_labels.len(),
+            "any spot label will do"
+        );
+        assert!(
+            t.iter()
+                .all(|t| t.match_expressions.as_ref().unwrap()[0].operator == "In")
+        );
+        let tolerations = p.spec.as_ref().unwrap().tolerations.clone().unwrap();
+        assert!(
+            tolerations
+                .iter()
+                .any(|t| t.key.as_deref() == Some("kiln.dev/spot"))
+        );
+        let env = p.spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+        let value = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("KILN_DRIVER").as_deref(),
+            Some("http://10.244.1.5:7077")
+        );
+        assert_eq!(value("KILN_EXECUTOR_ID").as_deref(), Some("wc-exec-3"));
+        // The spill directory exists before the executor starts: a subPath of the scratch
+        // volume, which the kubelet creates.
+        let mounts = p.spec.as_ref().unwrap().containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap();
+        let spill = mounts.iter().find(|m| m.sub_path.is_some()).unwrap();
+        assert_eq!(
+            (spill.name.as_str(), spill.mount_path.as_str()),
+            ("scratch", "/tmp/kiln-work/spill")
+        );
+        assert_eq!(format!("{WORK_DIR}/spill"), spill.mount_path);
+
+        j.spec.executors.placement = Placement::OnDemand;
+        let p = executor_pod(ctx(&j, &config), 0, "ip");
+        assert!(
+            terms(&p)[0]
+                .match_expressions
+                .as_ref()
+                .unwrap()
+                .iter()
+                .all(|e| e.operator == "NotIn")
+        );
+        assert_eq!(p.spec.unwrap().tolerations, None);
+
+        j.spec.executors.placement = Placement::Any;
+        let p = executor_pod(ctx(&j, &config), 0, "ip");
+        assert!(terms(&p).is_empty(), "no requirement for Any");
+        assert!(p.spec.unwrap().tolerations.is_some(), "spot nodes allowed");
+    }
+
+    #[test]
+    fn template_overrides_are_added() {
+        let config = OperatorConfig::default();
+        let mut j = job("wc");
+        j.spec.executors.template = serde_json::from_value(serde_json::json!({
+            "labels": {"team": "data", "kiln.dev/role": "nope"},
+            "annotations": {"a": "b"},
+            "nodeSelector": {"disk": "ssd"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "env": [{"name": "AWS_REGION", "value": "eu-west-1"}],
+            "envFrom": [{"secretRef": {"name": "s3-creds"}}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "inputs"}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": true}],
+            "serviceAccountName": "reader",
+        }))
+        .unwrap();
+        let p = executor_pod(ctx(&j, &config), 0, "ip");
+        let labels = p.metadata.labels.clone().unwrap();
+        assert_eq!(
+            (labels["team"].as_str(), labels[LABEL_ROLE].as_str()),
+            ("data", "executor")
+        );
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("reader"));
+        assert_eq!(spec.automount_service_account_token, Some(true));
+        assert_eq!(spec.node_selector.unwrap()["disk"], "ssd");
+        assert!(
+            spec.tolerations
+                .unwrap()
+                .iter()
+                .any(|t| t.key.as_deref() == Some("gpu"))
+        );
+        assert!(spec.volumes.unwrap().iter().any(|v| v.name == "data"));
+        let c = &spec.containers[0];
+        assert!(c.env.iter().flatten().any(|e| e.name == "AWS_REGION"));
+        assert_eq!(c.env_from.as_ref().unwrap().len(), 1);
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.mount_path == "/data")
+        );
+        // The driver is untouched by the executors' template.
+        let d = driver_pod(ctx(&j, &config), 1);
+        assert!(!d.metadata.labels.unwrap().contains_key("team"));
+    }
+
+    #[test]
+    fn memory_gets_room_for_the_process() {
+        assert_eq!(memory_with_overhead(2 << 30).0, "2432Mi");
+        assert_eq!(memory_with_overhead(8 << 30).0, "9012Mi");
+    }
+
+    #[test]
+    fn configured_on_demand_labels_are_required() {
+        let config = OperatorConfig {
+            on_demand_node_labels: vec![crate::config::NodeLabel {
+                key: "pool".into(),
+                values: vec!["stable".into()],
+            }],
+            ..Default::default()
+        };
+        let j = job("wc");
+        let t = terms(&driver_pod(ctx(&j, &config), 1));
+        let exprs = t[0].match_expressions.clone().unwrap();
+        assert!(exprs.iter().any(|e| e.key == "pool" && e.operator == "In"));
+    }
+}

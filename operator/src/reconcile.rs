@@ -1,0 +1,410 @@
+//! The reconcile loop's I/O edges: read the job, its pods and nodes; ask the driver for its
+//! progress; let [`Planner`] decide; apply, delete and tell the driver; write the status;
+//! record events and metrics.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kiln_api::ComputeJob;
+use kiln_api::crd::{LABEL_JOB, ROLE_DRIVER};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::children::{FIELD_MANAGER, TOKEN_KEY, new_token, token_secret_name};
+use crate::config::OperatorConfig;
+use crate::driver::DriverApi;
+use crate::metrics::Metrics;
+use crate::podstate;
+use crate::state::{Action, Child, Observed, Plan, Planner};
+use crate::{Error, Result};
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// The operator's configuration.
+    pub config: OperatorConfig,
+    /// Image for jobs that name none.
+    pub default_image: String,
+    /// How the operator reaches drivers.
+    pub driver: Arc<dyn DriverApi>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Records events on ComputeJobs.
+    pub recorder: Recorder,
+    /// The current time (a parameter so tests control it).
+    pub clock: fn() -> Timestamp,
+    tokens: Mutex<HashMap<String, String>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Now, in whole seconds (as the API server keeps times).
+pub fn now_seconds() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
+}
+
+impl Context {
+    /// A context with the real clock.
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+        default_image: String,
+        driver: Arc<dyn DriverApi>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER));
+        Context {
+            client,
+            config,
+            default_image,
+            driver,
+            metrics,
+            recorder,
+            clock: now_seconds,
+            tokens: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The job's token: cached, else from its Secret, else a new one (the plan applies the
+    /// Secret before any pod uses it).
+    async fn token(&self, job: &ComputeJob, ns: &str) -> Result<String> {
+        let key = job.uid().unwrap_or_else(|| job.name_any());
+        if let Some(t) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(t.clone());
+        }
+        let name = token_secret_name(&job.name_any());
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let existing = secrets
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::GetSecret {
+                namespace: ns.into(),
+                name: name.clone(),
+                source,
+            })?
+            .and_then(|s| s.data?.remove(TOKEN_KEY))
+            .and_then(|b| String::from_utf8(b.0).ok())
+            .filter(|t| !t.is_empty());
+        let token = existing.unwrap_or_else(new_token);
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if tokens.len() > 4096 {
+            tokens.clear();
+        }
+        tokens.insert(key, token.clone());
+        Ok(token)
+    }
+
+    /// The retry delay after a failed reconcile of `key`: doubling from 1 s to 5 minutes.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.to_string()).or_default();
+        *n = (*n + 1).min(16);
+        Duration::from_secs((1u64 << (*n - 1)).min(300))
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+/// `namespace/name` of a job, for metrics and logs.
+pub fn job_key(job: &ComputeJob) -> String {
+    format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())
+}
+
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        kind: match K::kind(&()).as_ref() {
+            "Pod" => "Pod",
+            "Service" => "Service",
+            "Secret" => "Secret",
+            _ => "ConfigMap",
+        },
+        namespace: ns.into(),
+        name,
+        source,
+    })?;
+    Ok(())
+}
+
+async fn lost_nodes(client: &Client, pods: &[Pod]) -> Result<BTreeSet<String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut lost = BTreeSet::new();
+    for name in podstate::nodes_to_check(pods) {
+        let node = nodes
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::GetNode {
+                node: name.clone(),
+                source,
+            })?;
+        let ready = node
+            .and_then(|n| n.status?.conditions)
+            .and_then(|cs| cs.into_iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        if !ready {
+            lost.insert(name);
+        }
+    }
+    Ok(lost)
+}
+
+/// Reconciles one ComputeJob.
+pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Requeue> {
+    let started = Instant::now();
+    let key = job_key(&job);
+    let result = reconcile_inner(&job, &ctx, started).await;
+    ctx.metrics.reconciled(started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key);
+    }
+    result
+}
+
+async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> Result<Requeue> {
+    let ns = job.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let name = job.name_any();
+    let key = job_key(job);
+    let client = &ctx.client;
+    let jobs: Api<ComputeJob> = Api::namespaced(client.clone(), &ns);
+    let Some(job) = jobs.get_opt(&name).await.map_err(|source| Error::GetJob {
+        namespace: ns.clone(),
+        name: name.clone(),
+        source,
+    })?
+    else {
+        ctx.metrics.set_phase(&key, None);
+        return Ok(Requeue::await_change());
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let listed = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_JOB}={name}")))
+        .await
+        .map_err(|source| Error::ListPods {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?
+        .items;
+    let finished = job.status.as_ref().is_some_and(|s| s.phase.is_finished());
+    let lost_nodes = if finished {
+        BTreeSet::new()
+    } else {
+        lost_nodes(client, &listed).await?
+    };
+    // The token is needed to start a driver or talk to one: not for a finished, suspended or
+    // invalid job.
+    let active = !finished && !job.spec.suspend && kiln_api::validate(&job.spec).is_empty();
+    let token = if active {
+        ctx.token(&job, &ns).await?
+    } else {
+        String::new()
+    };
+    let driver_ip = listed
+        .iter()
+        .find(|p| {
+            p.labels()
+                .get(kiln_api::crd::LABEL_ROLE)
+                .map(String::as_str)
+                == Some(ROLE_DRIVER)
+        })
+        .filter(|p| podstate::phase(p) == "Running" && !podstate::is_deleting(p))
+        .and_then(podstate::ip)
+        .map(str::to_string);
+    let progress = match (&driver_ip, active) {
+        (Some(ip), true) => match ctx.driver.job_status(ip, &token).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::debug!(job = %key, error = %e, "driver progress unavailable");
+                None
+            }
+        },
+        _ => None,
+    };
+    let plan = Planner {
+        config: &ctx.config,
+        default_image: &ctx.default_image,
+    }
+    .plan(&Observed {
+        job: &job,
+        pods: &listed,
+        lost_nodes: &lost_nodes,
+        progress: progress.as_ref(),
+        token: &token,
+        now: (ctx.clock)(),
+    });
+    for (executor, reason) in &plan.losses {
+        tracing::warn!(job = %key, executor, reason = reason.as_str(), "executor lost");
+        ctx.metrics.executor_lost(&key, reason.as_str(), started);
+    }
+    carry_out(&job, &ns, ctx, &plan, &token).await?;
+
+    if job.status.as_ref() != Some(&plan.status) {
+        let patch = serde_json::json!({
+            "apiVersion": format!("{}/{}", kiln_api::GROUP, kiln_api::VERSION),
+            "kind": kiln_api::KIND,
+            "status": plan.status,
+        });
+        jobs.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::PatchStatus {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    }
+    let reference = job.object_ref(&());
+    for e in &plan.events {
+        let event = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.clone(),
+            note: Some(e.note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
+            ctx.metrics.error("Event");
+            tracing::warn!(job = %key, error = %err, reason = %e.reason, "cannot record event");
+        }
+    }
+    let old_phase = job.status.as_ref().map(|s| s.phase);
+    if old_phase != Some(plan.status.phase) {
+        tracing::info!(job = %key, phase = plan.status.phase.as_str(), "phase");
+    }
+    ctx.metrics.set_phase(
+        &key,
+        Some(plan.status.phase).filter(|_| !plan.actions.contains(&Action::DeleteJob)),
+    );
+    Ok(plan
+        .requeue
+        .map(Requeue::requeue)
+        .unwrap_or_else(Requeue::await_change))
+}
+
+async fn carry_out(
+    job: &ComputeJob,
+    ns: &str,
+    ctx: &Context,
+    plan: &Plan,
+    token: &str,
+) -> Result<()> {
+    let client = &ctx.client;
+    let key = job_key(job);
+    for action in &plan.actions {
+        match action {
+            Action::Apply(Child::ConfigMap(cm)) => apply(client, ns, cm.as_ref()).await?,
+            Action::Apply(Child::Secret(s)) => apply(client, ns, s.as_ref()).await?,
+            Action::Apply(Child::Service(s)) => apply(client, ns, s.as_ref()).await?,
+            Action::Apply(Child::Pod(p)) => {
+                apply(client, ns, p.as_ref()).await?;
+                let executor = p
+                    .labels()
+                    .get(kiln_api::crd::LABEL_ROLE)
+                    .map(String::as_str)
+                    == Some(kiln_api::crd::ROLE_EXECUTOR);
+                if executor && plan.replacements > 0 {
+                    ctx.metrics.replaced(&key);
+                }
+            }
+            Action::DeletePod { name, force } => {
+                let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+                let params = if *force {
+                    DeleteParams::default().grace_period(0)
+                } else {
+                    DeleteParams::default()
+                };
+                match pods.delete(name, &params).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => {
+                        return Err(Error::DeletePod {
+                            namespace: ns.into(),
+                            name: name.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            Action::ExecutorLost {
+                executor,
+                reason,
+                driver_ip,
+                occurred_unix_ms,
+            } => {
+                // The driver's heartbeat timeout is the fallback if it cannot be told.
+                if let Err(e) = ctx
+                    .driver
+                    .executor_lost(driver_ip, executor, *reason, *occurred_unix_ms, token)
+                    .await
+                {
+                    ctx.metrics.error("DriverRpc");
+                    tracing::warn!(job = %key, executor, error = %e, "cannot tell the driver");
+                }
+            }
+            Action::DeleteJob => {
+                let jobs: Api<ComputeJob> = Api::namespaced(client.clone(), ns);
+                let name = job.name_any();
+                match jobs.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => tracing::info!(job = %key, "deleted after ttlSecondsAfterFinished"),
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => {
+                        return Err(Error::DeleteJob {
+                            namespace: ns.into(),
+                            name,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What to do after a failed reconcile: count it, and retry with a growing delay so a
+/// persistent error never turns into a tight loop.
+pub fn error_policy(job: Arc<ComputeJob>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let key = job_key(&job);
+    ctx.metrics.error(error.category());
+    let delay = ctx.backoff(&key);
+    tracing::warn!(job = %key, error = %error, retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
+}

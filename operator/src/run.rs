@@ -1,0 +1,200 @@
+//! The operator process: checks the CRD, serves health and metrics, elects a leader, runs one
+//! Controller per watched namespace (or one for all), and shuts down gracefully.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kiln_api::ComputeJob;
+use kiln_api::crd::LABEL_JOB;
+use kube::api::ListParams;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use crate::config::OperatorConfig;
+use crate::driver::GrpcDriver;
+use crate::leader::LeaseLock;
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, error_policy, reconcile};
+use crate::server::{Health, serve};
+use crate::{Error, Result};
+
+/// How the operator runs (the `kiln operator` flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub metrics_bind: SocketAddr,
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// Image for jobs that name none.
+    pub default_image: String,
+    /// Node labels, tolerations and recovery limits.
+    pub config: OperatorConfig,
+    /// Whether to elect a leader (on by default; off for a single replica in development).
+    pub leader_elect: bool,
+    /// Namespace of the leadership Lease.
+    pub lease_namespace: String,
+    /// Name of the leadership Lease.
+    pub lease_name: String,
+    /// This replica's identity in the Lease.
+    pub identity: String,
+}
+
+/// How long a leader's lease lasts without renewal.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// A future that completes on SIGTERM or Ctrl-C, shareable between the parts that stop.
+pub fn shutdown_signal() -> Shared<BoxFuture<'static, ()>> {
+    async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async {
+                    match term.as_mut() {
+                        Some(t) => { t.recv().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    }
+    .boxed()
+    .shared()
+}
+
+/// Fails with a clear message when the ComputeJob CRD is not installed.
+pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
+    let api: Api<ComputeJob> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(Error::CrdNotInstalled),
+        Err(e) => Err(Error::CheckCrd(e)),
+    }
+}
+
+/// Runs the operator until `shutdown` completes (or leadership is lost, an error).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = serve(
+        settings.metrics_bind,
+        Health {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let server = tokio::spawn(server);
+    check_crd(&client, settings.namespaces.first().map(String::as_str)).await?;
+    ready.store(true, Ordering::Relaxed);
+
+    let lock = settings.leader_elect.then(|| {
+        LeaseLock::new(
+            client.clone(),
+            &settings.lease_namespace,
+            &settings.lease_name,
+            &settings.identity,
+            LEASE_DURATION,
+        )
+    });
+    if let Some(lock) = &lock {
+        tokio::select! {
+            acquired = lock.acquire() => acquired?,
+            _ = shutdown.clone() => {
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+    }
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings.config.clone(),
+        settings.default_image.clone(),
+        Arc::new(GrpcDriver::default()),
+        metrics,
+    ));
+    let namespaces: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = futures::future::join_all(
+        namespaces
+            .into_iter()
+            .map(|ns| controller(client.clone(), ns, ctx.clone(), shutdown.clone())),
+    );
+    let outcome = match &lock {
+        Some(lock) => tokio::select! {
+            _ = controllers => Ok(()),
+            lost = lock.hold() => Err(lost),
+        },
+        None => {
+            controllers.await;
+            Ok(())
+        }
+    };
+    if let Some(lock) = &lock
+        && outcome.is_ok()
+    {
+        lock.release().await;
+    }
+    let _ = server.await;
+    outcome
+}
+
+fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn controller(
+    client: Client,
+    ns: Option<String>,
+    ctx: Arc<Context>,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) {
+    tracing::info!(
+        namespace = ns.as_deref().unwrap_or("(all)"),
+        "controller starting"
+    );
+    let children = watcher::Config::default().labels(LABEL_JOB);
+    Controller::new(api::<ComputeJob>(&client, &ns), watcher::Config::default())
+        .owns(api::<Pod>(&client, &ns), children.clone())
+        .owns(api::<ConfigMap>(&client, &ns), children.clone())
+        .owns(api::<Secret>(&client, &ns), children.clone())
+        .owns(api::<Service>(&client, &ns), children)
+        .with_config(ControllerConfig::default().concurrency(8))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller");
+            }
+        })
+        .await;
+}

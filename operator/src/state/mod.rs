@@ -1,0 +1,567 @@
+//! The reconciler's pure core: from a ComputeJob, its pods and what the driver reports, it
+//! decides what to create, delete and tell the driver, and the job's next status. No I/O:
+//! the reconciler gathers [`Observed`] and carries out the [`Plan`].
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kiln_api::crd::{CONDITION_PROGRESSING, LABEL_ATTEMPT, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
+use kiln_api::rpc::JobStatusResponse;
+use kiln_api::{ComputeJob, ComputeJobStatus, DriverReport, JobPhase};
+use kube::ResourceExt;
+
+use crate::children::{MAX_NAME_LENGTH, driver_service, spec_config_map, token_secret};
+use crate::config::OperatorConfig;
+use crate::pods::{PodContext, driver_pod};
+
+mod endings;
+mod executors;
+use crate::podstate::{self, LossReason};
+
+/// A child object to create or update with server-side apply.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Child {
+    /// The job spec.
+    ConfigMap(Box<ConfigMap>),
+    /// The job's token.
+    Secret(Box<Secret>),
+    /// The driver's headless Service.
+    Service(Box<Service>),
+    /// A driver or executor pod.
+    Pod(Box<Pod>),
+}
+
+/// One step of a plan, carried out in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Server-side apply of a child.
+    Apply(Child),
+    /// Delete a pod; `force` (grace period 0) when its node is lost and no kubelet will
+    /// confirm the deletion.
+    DeletePod { name: String, force: bool },
+    /// Tell the driver an executor is gone.
+    ExecutorLost {
+        executor: String,
+        reason: LossReason,
+        driver_ip: String,
+        /// When the executor went, as far as its pod tells (Unix milliseconds).
+        occurred_unix_ms: u64,
+    },
+    /// Delete the ComputeJob itself (its `ttlSecondsAfterFinished` ran out).
+    DeleteJob,
+}
+
+/// An Event to record on the ComputeJob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobEvent {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// What happened, for people.
+    pub note: String,
+}
+
+/// What one reconcile decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Steps to carry out, in order.
+    pub actions: Vec<Action>,
+    /// The job's next status.
+    pub status: ComputeJobStatus,
+    /// Events on transitions.
+    pub events: Vec<JobEvent>,
+    /// When to look again even if nothing changes (None: only on a change).
+    pub requeue: Option<Duration>,
+    /// Executors found lost, with why.
+    pub losses: Vec<(String, LossReason)>,
+    /// Executor pods created to replace lost ones.
+    pub replacements: usize,
+}
+
+/// What the reconciler saw.
+pub struct Observed<'a> {
+    /// The ComputeJob, freshly read.
+    pub job: &'a ComputeJob,
+    /// Its pods (label `kiln.dev/job=<name>`).
+    pub pods: &'a [Pod],
+    /// Nodes of its pods that are gone or not Ready.
+    pub lost_nodes: &'a BTreeSet<String>,
+    /// The driver's progress, when it answered.
+    pub progress: Option<&'a JobStatusResponse>,
+    /// The job's token (from its Secret, or a new one).
+    pub token: &'a str,
+    /// The time of this reconcile.
+    pub now: Timestamp,
+}
+
+/// Makes plans: the operator's configuration and default image.
+#[derive(Clone, Copy)]
+pub struct Planner<'a> {
+    /// The operator's configuration.
+    pub config: &'a OperatorConfig,
+    /// Image for jobs that name none.
+    pub default_image: &'a str,
+}
+
+impl Planner<'_> {
+    /// Decides the next step of a job.
+    pub fn plan(&self, obs: &Observed<'_>) -> Plan {
+        let old = obs.job.status.clone().unwrap_or_default();
+        let mut run = Run {
+            planner: *self,
+            obs,
+            old: old.clone(),
+            status: old,
+            plan: Plan {
+                actions: Vec::new(),
+                status: ComputeJobStatus::default(),
+                events: Vec::new(),
+                requeue: None,
+                losses: Vec::new(),
+                replacements: 0,
+            },
+            state: None,
+        };
+        run.decide();
+        run.finish()
+    }
+}
+
+/// How the non-terminal conditions read after a reconcile.
+pub(crate) enum Outlook {
+    Pending {
+        reason: &'static str,
+        message: String,
+    },
+    Running,
+    Suspended,
+    Done,
+}
+
+pub(crate) struct Run<'a, 'o> {
+    planner: Planner<'a>,
+    obs: &'a Observed<'o>,
+    old: ComputeJobStatus,
+    status: ComputeJobStatus,
+    plan: Plan,
+    state: Option<Outlook>,
+}
+
+/// The driver pod's state.
+enum DriverState {
+    Succeeded(Option<DriverReport>),
+    Failed { reason: String, message: String },
+    Lost { detail: String, node_lost: bool },
+    Stuck { reason: String, message: String },
+    Starting,
+    Running(String),
+}
+
+fn report_of(pod: &Pod) -> Option<DriverReport> {
+    let message = podstate::terminated(pod)?.message.as_deref()?;
+    serde_json::from_str(message.trim()).ok()
+}
+
+pub(crate) fn elapsed(now: Timestamp, since: &Time) -> Duration {
+    let d = now.duration_since(since.0);
+    if d.is_negative() {
+        Duration::ZERO
+    } else {
+        d.unsigned_abs()
+    }
+}
+
+impl Run<'_, '_> {
+    pub(crate) fn now(&self) -> Time {
+        Time(self.obs.now)
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.obs.job.name_any()
+    }
+
+    pub(crate) fn config(&self) -> &OperatorConfig {
+        self.planner.config
+    }
+
+    pub(crate) fn pod_ctx(&self) -> PodContext<'_> {
+        PodContext {
+            job: self.obs.job,
+            config: self.planner.config,
+            image: self
+                .obs
+                .job
+                .spec
+                .image
+                .as_deref()
+                .unwrap_or(self.planner.default_image),
+        }
+    }
+
+    pub(crate) fn pods_of(&self, role: &str) -> impl Iterator<Item = &Pod> {
+        self.obs.pods.iter().filter(move |p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ROLE))
+                .map(String::as_str)
+                == Some(role)
+        })
+    }
+
+    pub(crate) fn requeue(&mut self, after: Duration) {
+        let after = after.max(Duration::from_millis(200));
+        self.plan.requeue = Some(self.plan.requeue.map_or(after, |r| r.min(after)));
+    }
+
+    pub(crate) fn event(&mut self, warning: bool, reason: &str, note: String) {
+        self.plan.events.push(JobEvent {
+            warning,
+            reason: reason.into(),
+            note,
+        });
+    }
+
+    pub(crate) fn node_lost(&self, pod: &Pod) -> bool {
+        podstate::node(pod).is_some_and(|n| self.obs.lost_nodes.contains(n))
+    }
+
+    pub(crate) fn delete(&mut self, pod: &Pod, force: bool) {
+        if !podstate::is_deleting(pod) || force {
+            self.plan.actions.push(Action::DeletePod {
+                name: podstate::name(pod).to_string(),
+                force,
+            });
+        }
+    }
+
+    /// Deletes every executor pod (of any attempt).
+    pub(crate) fn delete_executors(&mut self) {
+        let pods: Vec<Pod> = self.pods_of(ROLE_EXECUTOR).cloned().collect();
+        for p in &pods {
+            let force = self.node_lost(p) && podstate::is_deleting(p);
+            self.delete(p, force);
+        }
+        self.status.executors.pods.clear();
+        self.status.executors.running = 0;
+    }
+
+    fn decide(&mut self) {
+        let job = self.obs.job;
+        if job.metadata.deletion_timestamp.is_some() {
+            self.state = Some(Outlook::Done);
+            return;
+        }
+        if self.old.phase.is_finished() {
+            self.finished();
+            return;
+        }
+        let mut problems: Vec<String> = kiln_api::validate(&job.spec)
+            .into_iter()
+            .map(|e| format!("spec.{e}"))
+            .collect();
+        if self.name().len() > MAX_NAME_LENGTH {
+            problems.push(format!(
+                "metadata.name: at most {MAX_NAME_LENGTH} characters (the driver's Service is `<name>-driver`), got {}",
+                self.name().len()
+            ));
+        }
+        if !problems.is_empty() {
+            self.fail("InvalidSpec", problems.join("; "));
+            return;
+        }
+        if job.spec.suspend {
+            self.suspend();
+            return;
+        }
+        if let (Some(limit), Some(start)) = (
+            job.spec.active_deadline_seconds,
+            self.old.start_time.clone(),
+        ) {
+            let limit = Duration::from_secs(limit);
+            let ran = elapsed(self.obs.now, &start);
+            if ran >= limit {
+                self.fail(
+                    "DeadlineExceeded",
+                    format!(
+                        "the job ran for {}s, longer than activeDeadlineSeconds ({}s)",
+                        ran.as_secs(),
+                        limit.as_secs()
+                    ),
+                );
+                return;
+            }
+            self.requeue(limit - ran);
+        }
+        self.driver();
+    }
+
+    fn driver_state(&self, pod: &Pod) -> DriverState {
+        if let Some(t) = podstate::terminated(pod) {
+            let report = report_of(pod);
+            if t.exit_code == 0 {
+                return DriverState::Succeeded(report);
+            }
+            if let Some(r) = report {
+                return DriverState::Failed {
+                    reason: r.reason.clone().unwrap_or_else(|| "DriverFailed".into()),
+                    message: r
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| format!("the driver exited with code {}", t.exit_code)),
+                };
+            }
+            // Killed by a signal (OOM, node shutdown) with no word from the driver: lost.
+            if t.exit_code < 128 && t.reason.as_deref() != Some("OOMKilled") {
+                return DriverState::Failed {
+                    reason: "DriverFailed".into(),
+                    message: format!(
+                        "the driver exited with code {} without a report{}",
+                        t.exit_code,
+                        t.message
+                            .as_deref()
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
+                    ),
+                };
+            }
+            return DriverState::Lost {
+                detail: format!(
+                    "its container was killed (exit code {}{})",
+                    t.exit_code,
+                    t.reason
+                        .as_deref()
+                        .map(|r| format!(", {r}"))
+                        .unwrap_or_default()
+                ),
+                node_lost: self.node_lost(pod),
+            };
+        }
+        let node_lost = self.node_lost(pod);
+        if node_lost {
+            return DriverState::Lost {
+                detail: format!("its node {} is lost", podstate::node(pod).unwrap_or("?")),
+                node_lost,
+            };
+        }
+        if podstate::is_disrupted(pod) || podstate::is_deleting(pod) {
+            return DriverState::Lost {
+                detail: if podstate::is_disrupted(pod) {
+                    "it was disrupted (evicted or preempted)".into()
+                } else {
+                    "it was deleted".into()
+                },
+                node_lost,
+            };
+        }
+        if podstate::phase(pod) == "Failed" {
+            let reason = pod.status.as_ref().and_then(|s| s.reason.clone());
+            return DriverState::Lost {
+                detail: format!(
+                    "its pod failed ({})",
+                    reason.as_deref().unwrap_or("unknown")
+                ),
+                node_lost,
+            };
+        }
+        if let Some((reason, message)) = podstate::stuck(pod) {
+            return DriverState::Stuck { reason, message };
+        }
+        match podstate::ip(pod) {
+            Some(ip) if podstate::phase(pod) == "Running" => DriverState::Running(ip.to_string()),
+            _ => DriverState::Starting,
+        }
+    }
+
+    fn driver(&mut self) {
+        let driver = self.pods_of(ROLE_DRIVER).next().cloned();
+        if let Some(p) = &driver {
+            let label = p
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ATTEMPT))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            self.status.driver.attempt = self.status.driver.attempt.max(label);
+        }
+        let Some(pod) = driver else {
+            // The first driver, or the first after a resume; otherwise the driver vanished.
+            if self.status.driver.attempt == 0 || self.old.phase == JobPhase::Suspended {
+                self.start_driver(false);
+            } else {
+                self.driver_gone();
+            }
+            return;
+        };
+        match self.driver_state(&pod) {
+            DriverState::Succeeded(report) => self.succeed(report),
+            DriverState::Failed { reason, message } => self.fail(&reason, message),
+            DriverState::Lost { detail, node_lost } => self.driver_lost(&pod, detail, node_lost),
+            DriverState::Stuck { reason, message } => self.stuck(&pod, &reason, &message),
+            DriverState::Starting => {
+                self.status.phase = JobPhase::Pending;
+                self.state = Some(Outlook::Pending {
+                    reason: "DriverStarting",
+                    message: format!("waiting for driver pod {} to run", podstate::name(&pod)),
+                });
+                self.requeue(self.config().progress_interval());
+            }
+            DriverState::Running(ip) => {
+                self.status.phase = JobPhase::Running;
+                if let Some(p) = self.obs.progress {
+                    let progress = &mut self.status.progress;
+                    progress.stages = p.stages_total;
+                    progress.stages_done = p.stages_done;
+                    progress.tasks = p.tasks_total;
+                    progress.tasks_done = p.tasks_done;
+                    progress.summary = format!("{}/{}", p.tasks_done, p.tasks_total);
+                    self.status.recovery.partitions_recomputed = p.partitions_recomputed;
+                }
+                self.state = Some(Outlook::Running);
+                self.requeue(self.config().progress_interval());
+                self.executors(&ip);
+            }
+        }
+    }
+
+    /// Creates the next driver pod and what it needs.
+    fn start_driver(&mut self, restart: bool) {
+        let attempt = self.status.driver.attempt + 1;
+        let name = self.name();
+        if restart {
+            self.status.driver.restarts += 1;
+            self.event(
+                true,
+                "DriverRestarted",
+                format!(
+                    "driver pod recreated (restart {} of at most {}); the job reruns from the start",
+                    self.status.driver.restarts,
+                    self.config().max_driver_restarts
+                ),
+            );
+        } else {
+            self.status.start_time = Some(self.now());
+            let resumed = self.old.phase == JobPhase::Suspended;
+            self.event(
+                false,
+                if resumed { "Resumed" } else { "Started" },
+                format!("created driver pod {name}-driver (attempt {attempt})"),
+            );
+        }
+        let ctx = self.pod_ctx();
+        let children = [
+            Child::Secret(Box::new(token_secret(self.obs.job, self.obs.token))),
+            Child::ConfigMap(Box::new(spec_config_map(self.obs.job))),
+            Child::Service(Box::new(driver_service(self.obs.job))),
+            Child::Pod(Box::new(driver_pod(ctx, attempt))),
+        ];
+        self.plan
+            .actions
+            .extend(children.into_iter().map(Action::Apply));
+        self.status.driver.attempt = attempt;
+        self.status.executors.pods.clear();
+        self.status.executors.running = 0;
+        self.status.phase = JobPhase::Pending;
+        self.state = Some(Outlook::Pending {
+            reason: "DriverStarting",
+            message: format!("created driver pod {name}-driver (attempt {attempt})"),
+        });
+        self.requeue(self.config().progress_interval());
+    }
+
+    /// The driver pod vanished while the job ran.
+    fn driver_gone(&mut self) {
+        self.delete_executors();
+        if self.status.driver.restarts >= self.config().max_driver_restarts {
+            self.fail(
+                "DriverLost",
+                format!(
+                    "the driver pod was lost {} times (at most {} restarts)",
+                    self.status.driver.restarts + 1,
+                    self.config().max_driver_restarts
+                ),
+            );
+        } else {
+            self.start_driver(true);
+        }
+    }
+
+    /// The driver pod is lost but still there: clear the way for its replacement.
+    fn driver_lost(&mut self, pod: &Pod, detail: String, node_lost: bool) {
+        let name = podstate::name(pod).to_string();
+        if self.status.driver.restarts >= self.config().max_driver_restarts {
+            self.fail(
+                "DriverLost",
+                format!(
+                    "driver pod {name} was lost ({detail}) after {} restarts",
+                    self.status.driver.restarts
+                ),
+            );
+            return;
+        }
+        let first_sight = self
+            .old
+            .condition(CONDITION_PROGRESSING)
+            .is_none_or(|c| c.reason != "DriverLost");
+        if first_sight {
+            self.event(
+                true,
+                "DriverLost",
+                format!("driver pod {name} lost: {detail}"),
+            );
+        }
+        self.delete_executors();
+        self.delete(pod, node_lost);
+        self.status.phase = JobPhase::Pending;
+        self.state = Some(Outlook::Pending {
+            reason: "DriverLost",
+            message: format!("driver pod {name} lost ({detail}); it is recreated once gone"),
+        });
+        self.requeue(Duration::from_secs(1));
+    }
+
+    /// A pod whose container cannot start: wait out the grace period, then fail.
+    pub(crate) fn stuck(&mut self, pod: &Pod, reason: &str, message: &str) {
+        let grace = Duration::from_secs(self.config().image_pull_grace_seconds);
+        let age = podstate::age(pod, self.obs.now);
+        let image = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default();
+        if age >= grace {
+            let why = if reason.contains("Image") {
+                "ImagePullFailed"
+            } else {
+                "ContainerConfigError"
+            };
+            self.fail(
+                why,
+                format!(
+                    "pod {} cannot start for {}s: {reason} (image `{image}`){}",
+                    podstate::name(pod),
+                    age.as_secs(),
+                    if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {message}")
+                    }
+                ),
+            );
+        } else {
+            if self.status.phase != JobPhase::Running {
+                self.status.phase = JobPhase::Pending;
+                self.state = Some(Outlook::Pending {
+                    reason: "ContainerNotStarting",
+                    message: format!("pod {} waits: {reason}", podstate::name(pod)),
+                });
+            }
+            self.requeue(grace - age);
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Support for the operator's end-to-end tests: the CRD, the operator as a local process
+//! (with the test cluster's kubeconfig), ComputeJobs, their outputs and the driver's
+//! progress.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kiln_api::{ComputeJob, JobPhase};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client};
+
+use crate::{http, kubectl, repo, wait_for};
+
+/// Installs the CRD the way a user would (`kubectl apply -f crds/`) and waits until the API
+/// server serves it.
+pub async fn apply_crds() -> Result<()> {
+    let crds = repo().join("crds");
+    kubectl(&["apply", "-f", &crds.to_string_lossy()]).await?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/computejobs.kiln.dev",
+        "--timeout=30s",
+    ])
+    .await?;
+    Ok(())
+}
+
+/// Scratch space of the end-to-end tests, on the host filesystem the node agent's pods see
+/// (not under /tmp: job pods mount their own scratch volume there).
+pub fn scratch(name: &str) -> Result<PathBuf> {
+    let dir = repo().join(".cache/e2e").join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.canonicalize()?)
+}
+
+/// The workspace's `kiln` binary (the cluster's `kiln:*` images run it too).
+pub fn kiln_bin() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target"));
+    target.join("release/kiln")
+}
+
+/// Runs `kiln ARGS` on this machine and returns its stdout.
+pub async fn kiln(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(kiln_bin())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .await
+        .context("running kiln")?;
+    if !out.status.success() {
+        bail!(
+            "kiln {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// TPC-H tables at scale `scale`, generated once per checkout.
+pub async fn tpch(scale: &str) -> Result<PathBuf> {
+    let dir = scratch(&format!("tpch-{scale}"))?;
+    if !dir.join("lineitem.parquet").exists() {
+        kiln(&["tpch", "--scale", scale, "--out", &dir.to_string_lossy()]).await?;
+    }
+    Ok(dir)
+}
+
+/// The rows of a CSV output directory (every `part-*.csv`, headers dropped), sorted.
+pub fn csv_rows(dir: &Path) -> Result<Vec<String>> {
+    ensure!(
+        dir.join("_SUCCESS").exists(),
+        "{} has no _SUCCESS marker",
+        dir.display()
+    );
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with("part-") && name.ends_with(".csv") {
+            let text = std::fs::read_to_string(&path)?;
+            rows.extend(text.lines().skip(1).map(str::to_string));
+        }
+    }
+    rows.sort();
+    Ok(rows)
+}
+
+/// Runs job spec `spec` locally (`kiln run`) with its output in `out`; returns the rows.
+pub async fn run_locally(spec: &str, out: &Path) -> Result<Vec<String>> {
+    let file = out.with_extension("yaml");
+    std::fs::write(&file, spec)?;
+    kiln(&["run", &file.to_string_lossy()]).await?;
+    csv_rows(out)
+}
+
+/// A ComputeJob manifest with spec `spec` (YAML).
+pub fn job(name: &str, spec: &str) -> Result<ComputeJob> {
+    let spec: kiln_api::JobSpec =
+        serde_yaml::from_str(spec).with_context(|| format!("spec of {name}"))?;
+    Ok(ComputeJob::new(name, spec))
+}
+
+/// Creates `job` in `ns`.
+pub async fn create_job(client: &Client, ns: &str, job: &ComputeJob) -> Result<()> {
+    Api::<ComputeJob>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), job)
+        .await
+        .with_context(|| {
+            format!(
+                "creating ComputeJob {ns}/{}",
+                job.metadata.name.as_deref().unwrap_or("?")
+            )
+        })?;
+    Ok(())
+}
+
+/// Waits until job `name` finishes; fails if it ends in another phase than `want`.
+pub async fn wait_finished(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: JobPhase,
+    timeout: Duration,
+) -> Result<ComputeJob> {
+    let api = Api::<ComputeJob>::namespaced(client.clone(), ns);
+    let job = wait_for(&format!("ComputeJob {name} to finish"), timeout, || async {
+        let j = api.get(name).await?;
+        let done = j.status.as_ref().is_some_and(|s| s.phase.is_finished());
+        Ok(done.then_some(j))
+    })
+    .await?;
+    let status = job.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == want,
+        "ComputeJob {name} ended {:?}, expected {want:?}: {}",
+        status.phase,
+        serde_json::to_string_pretty(&status)?
+    );
+    Ok(job)
+}
+
+/// Pod name → node, for every pod of job `name` seen so far; `record` adds what it sees.
+#[derive(Default)]
+pub struct Placements(pub BTreeMap<String, String>);
+
+impl Placements {
+    /// Looks at job `name`'s pods once.
+    pub async fn record(&mut self, client: &Client, ns: &str, name: &str) -> Result<()> {
+        let pods = Api::<Pod>::namespaced(client.clone(), ns)
+            .list(&ListParams::default().labels(&format!("kiln.dev/job={name}")))
+            .await?;
+        for p in pods {
+            if let (Some(pod), Some(node)) = (p.metadata.name, p.spec.and_then(|s| s.node_name)) {
+                self.0.insert(pod, node);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The job's token, for talking to its driver as the operator does.
+pub async fn token(client: &Client, ns: &str, job: &str) -> Result<String> {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(&format!("{job}-token"))
+        .await?;
+    let bytes = secret
+        .data
+        .and_then(|mut d| d.remove("token"))
+        .context("the token Secret has no token")?;
+    Ok(String::from_utf8(bytes.0)?)
+}
+
+/// The driver's own progress report (its JobStatus RPC), by pod IP.
+pub async fn driver_progress(ip: &str, token: &str) -> Result<kiln_api::rpc::JobStatusResponse> {
+    let mut client =
+        kiln_api::rpc::driver_client::DriverClient::connect(format!("http://{ip}:7077")).await?;
+    Ok(client
+        .job_status(kiln_api::rpc::JobStatusRequest {
+            token: token.into(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// The operator, run from this checkout's binary with the test cluster's kubeconfig.
+pub struct Operator {
+    child: tokio::process::Child,
+    /// Where its /healthz, /readyz and /metrics are.
+    pub address: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts an operator competing for Lease `lease`; waits until it is ready (not
+    /// necessarily leading).
+    pub async fn start(id: &str, lease: &str, port: u16, config: &str) -> Result<Operator> {
+        let dir = scratch("operator")?;
+        let config_file = dir.join(format!("{id}.yaml"));
+        std::fs::write(&config_file, config)?;
+        let log = dir.join(format!("{id}.log"));
+        let address = format!("127.0.0.1:{port}");
+        let child = tokio::process::Command::new(kiln_bin())
+            .args([
+                "operator",
+                "--metrics-bind",
+                &address,
+                "--lease-namespace",
+                "default",
+                "--lease-name",
+                lease,
+                "--identity",
+                id,
+                "--default-image",
+                "kiln:e2e",
+                "--config",
+                &config_file.to_string_lossy(),
+            ])
+            .env("RUST_LOG", "info,kiln_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(log.with_extension("err"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting kiln operator")?;
+        let op = Operator {
+            child,
+            address,
+            log,
+        };
+        wait_for(
+            "the operator to be ready",
+            Duration::from_secs(30),
+            || async {
+                Ok(http(&op.address, "GET", "/readyz")
+                    .await
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(|_| ()))
+            },
+        )
+        .await
+        .with_context(|| op.logs())?;
+        Ok(op)
+    }
+
+    /// The last lines of its log.
+    pub fn logs(&self) -> String {
+        let text = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Its metrics, as Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http(&self.address, "GET", "/metrics").await?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body)
+    }
+
+    /// The sum of every sample of metric `name` (any labels).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        Ok(self
+            .metrics()
+            .await?
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Stops it gracefully (SIGTERM: it releases its Lease) and waits for it to exit.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
+        }
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .context("the operator did not stop within 20 s of SIGTERM")??;
+        Ok(())
+    }
+}
