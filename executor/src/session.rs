@@ -164,11 +164,11 @@ fn single_byte(value: &Option<String>, default: u8) -> u8 {
 async fn register_input(ctx: &SessionContext, input: &InputSpec) -> DfResult<()> {
     let url = ListingTableUrl::parse(&input.uri)?;
     // A local input that is not there is a mistake in the job, not an empty table.
-    if let Ok(path) = Url::parse(url.as_str()).map(|u| u.to_file_path())
-        && url.as_str().starts_with("file:")
-        && let Ok(path) = path
-        && !path.exists()
+    let location: &Url = url.as_ref();
+    if location.scheme() == "file"
         && !input.uri.contains('*')
+        && let Ok(path) = location.to_file_path()
+        && !path.exists()
     {
         return Err(datafusion::error::DataFusionError::Plan(format!(
             "no file or folder at {}",

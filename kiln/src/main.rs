@@ -168,15 +168,12 @@ async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
         Ok(spec) => spec,
         Err(e) => {
             // The operator reads why from the termination message.
-            if let Some(path) = &args.termination_message {
-                let report = kiln_api::DriverReport {
-                    reason: Some(e.category().to_string()),
-                    message: Some(e.to_string()),
-                    ..Default::default()
-                };
-                std::fs::write(path, report.to_termination_message())
-                    .with_context(|| format!("writing the report to {}", path.display()))?;
-            }
+            let report = kiln_api::DriverReport {
+                reason: Some(e.category().to_string()),
+                message: Some(e.to_string()),
+                ..Default::default()
+            };
+            write_report(args.termination_message.as_deref(), &report)?;
             return Err(e.into());
         }
     };
@@ -209,12 +206,21 @@ async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
         std::fs::write(path, serde_json::to_vec(&summary)?)
             .with_context(|| format!("writing the summary to {}", path.display()))?;
     }
-    if let Some(path) = &args.termination_message {
-        std::fs::write(path, summary.report(reason).to_termination_message())
-            .with_context(|| format!("writing the report to {}", path.display()))?;
-    }
+    write_report(args.termination_message.as_deref(), &summary.report(reason))?;
     driver.shutdown(Duration::from_secs(5)).await;
     Ok(code)
+}
+
+/// Writes the driver's short report where the operator reads it, when asked to.
+fn write_report(
+    path: Option<&std::path::Path>,
+    report: &kiln_api::DriverReport,
+) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, report.to_termination_message())
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn executor(args: ExecutorArgs) -> anyhow::Result<std::process::ExitCode> {

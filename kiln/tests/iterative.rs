@@ -141,8 +141,7 @@ fn pagerank_recomputes_only_the_lost_cached_partitions() {
     let stages = summary["stages"].as_array().expect("stages");
     let links = stages
         .iter()
-        .filter(|s| s["step"] == "links")
-        .last()
+        .rfind(|s| s["step"] == "links")
         .expect("the links step's stages");
     let (tasks, again) = (
         links["tasks"].as_i64().unwrap(),

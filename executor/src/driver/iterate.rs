@@ -12,9 +12,8 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 use kiln_api::StepSpec;
 
-use super::job::{JobRun, fetch_result, plan_err, referenced_tables, run_stages, unpin};
+use super::job::{JobRun, plan_err, referenced_tables, unpin};
 use super::service::Progress;
-use crate::plan::FinalOutput;
 use crate::{Error, Result};
 
 fn previous_name(step: &StepSpec) -> String {
@@ -160,14 +159,7 @@ pub(super) async fn run(job: &mut JobRun<'_>, step: &StepSpec) -> Result<u32> {
 async fn condition(job: &mut JobRun<'_>, step: &StepSpec, until: &str) -> Result<bool> {
     let name = step.name.as_str();
     let df = job.ctx.sql(until).await.map_err(plan_err(name))?;
-    let plan = df.create_physical_plan().await.map_err(plan_err(name))?;
-    let stages = job
-        .planner
-        .split(plan, &FinalOutput::Blocks)
-        .map_err(plan_err(name))?;
-    let stage = run_stages(job.shared, name, stages, true).await?;
-    let batches = fetch_result(job.shared, stage).await?;
-    unpin(job.shared, stage);
+    let (batches, _) = job.collect(name, df).await?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let bad = |what: String| Error::Until {
         step: name.to_string(),

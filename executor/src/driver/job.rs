@@ -135,6 +135,42 @@ impl JobRun<'_> {
         Ok((stage, schema))
     }
 
+    /// Runs `df` and brings its rows back to the driver.
+    pub async fn collect(
+        &mut self,
+        step: &str,
+        df: DataFrame,
+    ) -> Result<(Vec<RecordBatch>, SchemaRef)> {
+        let plan = df.create_physical_plan().await.map_err(plan_err(step))?;
+        let schema = plan.schema();
+        let stages = self
+            .planner
+            .split(plan, &FinalOutput::Blocks)
+            .map_err(plan_err(step))?;
+        let stage = run_stages(self.shared, step, stages, true).await?;
+        let batches = fetch_result(self.shared, stage).await?;
+        unpin(self.shared, stage);
+        Ok((batches, schema))
+    }
+
+    /// Runs `df` into the job's output.
+    pub async fn write(
+        &mut self,
+        step: &str,
+        df: DataFrame,
+        out: &OutputSpec,
+    ) -> Result<OutputSummary> {
+        let plan = df.create_physical_plan().await.map_err(plan_err(step))?;
+        prepare_output(&self.ctx, out).await?;
+        let sink = FinalOutput::Sink {
+            uri: dir_uri(&out.uri),
+            format: out.format,
+        };
+        let stages = self.planner.split(plan, &sink).map_err(plan_err(step))?;
+        let stage = run_stages(self.shared, step, stages, false).await?;
+        finish_output(self.shared, &self.ctx, out, stage).await
+    }
+
     /// Makes table `name` read the cached output of `stage`.
     pub fn register_cached(
         &mut self,
@@ -169,80 +205,42 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
     let mut schema = None;
     let mut output = None;
     for step in needed {
-        let is_target = step.name == target.name;
+        let name = step.name.as_str();
+        let is_target = name == target.name;
         let sink = spec.output.as_ref().filter(|_| is_target);
-        // Replan against the tables as they are now: earlier cached steps read their blocks.
-        let (df, cached) = if step.is_iterative() {
-            let stage = iterate::run(&mut job, step).await?;
-            if !is_target {
-                continue;
-            }
-            let df = job
-                .ctx
-                .table(step.name.as_str())
-                .await
-                .map_err(plan_err(&step.name))?;
-            (df, Some(stage))
+        // Each step is planned against the tables as they are now: earlier cached steps
+        // read their blocks.
+        let cached = if step.is_iterative() {
+            Some(iterate::run(&mut job, step).await?)
+        } else if step.cache == CacheLevel::None && !is_target {
+            register_view(&job.ctx, name, name, &step.sql).await?;
+            job.views.insert(name.to_ascii_lowercase());
+            None
+        } else if step.cache != CacheLevel::None && sink.is_none() {
+            let df = job.ctx.sql(&step.sql).await.map_err(plan_err(name))?;
+            Some(job.materialize(name, name, df).await?.0)
         } else {
-            job.ctx
-                .deregister_table(step.name.as_str())
-                .map_err(plan_err(&step.name))?;
-            let df = job.ctx.sql(&step.sql).await.map_err(plan_err(&step.name))?;
-            if step.cache == CacheLevel::None && !is_target {
-                let view = ViewTable::new(df.logical_plan().clone(), Some(step.sql.clone()));
-                job.ctx
-                    .register_table(step.name.as_str(), Arc::new(view))
-                    .map_err(plan_err(&step.name))?;
-                job.views.insert(step.name.to_ascii_lowercase());
-                continue;
-            }
-            if step.cache != CacheLevel::None && sink.is_none() {
-                let (stage, cached_schema) = job.materialize(&step.name, &step.name, df).await?;
-                if is_target {
-                    batches = fetch_result(shared, stage).await?;
-                    schema = Some(cached_schema);
-                }
-                continue;
-            }
-            (df, None)
+            None
         };
+        if !is_target {
+            continue;
+        }
         // The target: into the output, or back to the caller.
+        let df = match cached {
+            Some(_) => job.ctx.table(name).await,
+            None => job.ctx.sql(&step.sql).await,
+        }
+        .map_err(plan_err(name))?;
         match (sink, cached) {
+            (Some(out), _) => output = Some(job.write(name, df, out).await?),
             (None, Some(stage)) => {
                 batches = fetch_result(shared, stage).await?;
                 schema = Some(df.schema().inner().clone());
             }
-            _ => {
-                let plan = df
-                    .create_physical_plan()
-                    .await
-                    .map_err(plan_err(&step.name))?;
-                let out_schema = plan.schema();
-                let final_output = match sink {
-                    Some(o) => {
-                        prepare_output(&job.ctx, o).await?;
-                        FinalOutput::Sink {
-                            uri: dir_uri(&o.uri),
-                            format: o.format,
-                        }
-                    }
-                    None => FinalOutput::Blocks,
-                };
-                let stages = job
-                    .planner
-                    .split(plan, &final_output)
-                    .map_err(plan_err(&step.name))?;
-                let final_stage = run_stages(shared, &step.name, stages, sink.is_none()).await?;
-                match sink {
-                    Some(o) => {
-                        output = Some(finish_output(shared, &job.ctx, o, final_stage).await?)
-                    }
-                    None => {
-                        batches = fetch_result(shared, final_stage).await?;
-                        schema = Some(out_schema);
-                        unpin(shared, final_stage);
-                    }
-                }
+            (None, None) => {
+                let (rows, row_schema) = job.collect(name, df).await?;
+                batches = rows;
+                schema = Some(row_schema);
             }
         }
     }
@@ -284,7 +282,7 @@ fn preferred_input(stage: &Stage) -> Option<u32> {
 
 /// Submits a step's stages and waits for the last one; intermediate stages are released
 /// once it succeeds. The last stage stays pinned when its blocks are still to be read.
-pub(super) async fn run_stages(
+async fn run_stages(
     shared: &Arc<Shared>,
     step: &str,
     stages: Vec<Stage>,
@@ -373,7 +371,7 @@ fn collect_garbage(shared: &Arc<Shared>) {
 }
 
 /// Fetches the result blocks in partition order.
-pub(super) async fn fetch_result(shared: &Arc<Shared>, stage: u32) -> Result<Vec<RecordBatch>> {
+async fn fetch_result(shared: &Arc<Shared>, stage: u32) -> Result<Vec<RecordBatch>> {
     let locations = shared
         .state
         .lock()

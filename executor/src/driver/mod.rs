@@ -57,12 +57,9 @@ impl DriverHandle {
     /// Live executors, with how many outputs still needed each holds.
     pub fn outputs_held(&self) -> std::collections::BTreeMap<String, usize> {
         let state = self.shared.state.lock().unwrap();
-        state
-            .sched
-            .executors()
-            .filter(|e| !state.departed.contains(*e))
-            .map(|e| (e.clone(), state.sched.needed_outputs_on(e)))
-            .collect()
+        let mut held = state.sched.needed_outputs_by_executor();
+        held.retain(|e, _| !state.departed.contains(e));
+        held
     }
 }
 
@@ -125,17 +122,6 @@ impl Driver {
     /// Progress events of the job.
     pub fn subscribe(&self) -> broadcast::Receiver<Progress> {
         self.shared.progress.subscribe()
-    }
-
-    /// Declares an executor lost (what the operator's `ExecutorLost` call and the local
-    /// runner's process supervision do); `occurred` is when it went, if known.
-    pub fn executor_lost(
-        &self,
-        executor: &str,
-        reason: scheduler::LossReason,
-        occurred: Option<std::time::Instant>,
-    ) {
-        self.shared.executor_lost(executor, reason, occurred);
     }
 
     /// A handle for supervisors (the local runner): report losses, follow progress.

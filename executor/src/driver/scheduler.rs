@@ -770,14 +770,23 @@ impl Scheduler {
         })
     }
 
-    /// How many outputs still needed (of stages not released) the executor holds.
-    pub fn needed_outputs_on(&self, executor: &str) -> usize {
-        self.stages
-            .iter()
-            .filter(|(id, s)| !s.released && self.needed(**id))
-            .flat_map(|(_, s)| s.tasks.iter())
-            .filter(|t| matches!(t, TaskState::Done { executor: e } if e == executor))
-            .count()
+    /// How many outputs still needed each live executor holds (0 for one holding none).
+    pub fn needed_outputs_by_executor(&self) -> BTreeMap<ExecutorId, usize> {
+        let mut held: BTreeMap<ExecutorId, usize> =
+            self.executors.keys().map(|e| (e.clone(), 0)).collect();
+        for (id, s) in &self.stages {
+            if s.released || !self.needed(*id) {
+                continue;
+            }
+            for t in &s.tasks {
+                if let TaskState::Done { executor } = t
+                    && let Some(n) = held.get_mut(executor)
+                {
+                    *n += 1;
+                }
+            }
+        }
+        held
     }
 
     /// Outputs of each live executor, for tests and diagnostics: `stage -> partitions`.

@@ -237,9 +237,16 @@ impl Chaos {
         self.pending.is_empty()
     }
 
-    /// Feeds one progress event; returns the orders it triggers. `live` are the executors
-    /// that can be hit now, with the number of needed outputs each holds.
-    pub fn observe(&mut self, event: &Progress, live: &BTreeMap<String, usize>) -> Vec<ChaosOrder> {
+    /// Feeds one progress event; returns the orders it triggers. `live` gives the executors
+    /// that can be hit now, with the number of needed outputs each holds; it is asked only
+    /// when an event fires.
+    pub fn observe(
+        &mut self,
+        event: &Progress,
+        live: impl FnOnce() -> BTreeMap<String, usize>,
+    ) -> Vec<ChaosOrder> {
+        let mut live = Some(live);
+        let mut known: Option<BTreeMap<String, usize>> = None;
         if let Progress::StageSubmitted {
             stage,
             shuffle: true,
@@ -277,6 +284,7 @@ impl Chaos {
                 continue;
             }
             let ev = self.pending.remove(i);
+            let live = known.get_or_insert_with(|| live.take().map(|f| f()).unwrap_or_default());
             let executor = match &ev.target {
                 ChaosTarget::Executor(e) => Some(e.clone()),
                 ChaosTarget::Random if live.is_empty() => None,
@@ -358,25 +366,25 @@ mod tests {
     #[test]
     fn fires_once_at_the_chosen_progress_of_the_first_shuffle_stage() {
         let mut chaos = Chaos::new(vec!["at=50%".parse().unwrap()], 7);
-        assert!(chaos.observe(&submitted(1, false), &live()).is_empty());
+        assert!(chaos.observe(&submitted(1, false), live).is_empty());
         assert!(
-            chaos.observe(&done(1, 9), &live()).is_empty(),
+            chaos.observe(&done(1, 9), live).is_empty(),
             "not a shuffle stage"
         );
-        chaos.observe(&submitted(2, true), &live());
-        assert!(chaos.observe(&done(2, 4), &live()).is_empty());
-        let orders = chaos.observe(&done(2, 5), &live());
+        chaos.observe(&submitted(2, true), live);
+        assert!(chaos.observe(&done(2, 4), live).is_empty());
+        let orders = chaos.observe(&done(2, 5), live);
         assert_eq!(orders.len(), 1);
         assert_eq!(orders[0].action, ChaosAction::Kill);
         assert!(chaos.done());
-        assert!(chaos.observe(&done(2, 6), &live()).is_empty());
+        assert!(chaos.observe(&done(2, 6), live).is_empty());
     }
 
     #[test]
     fn the_seed_decides_the_target() {
         let pick = |seed| {
             let mut c = Chaos::new(vec!["after-stage=1".parse().unwrap()], seed);
-            c.observe(&Progress::StageDone { stage: 1 }, &live())[0]
+            c.observe(&Progress::StageDone { stage: 1 }, live)[0]
                 .executor
                 .clone()
         };
@@ -384,7 +392,7 @@ mod tests {
         let picks: std::collections::BTreeSet<String> = (0..32).map(pick).collect();
         assert!(picks.len() > 1, "{picks:?}");
         let mut busiest = Chaos::new(vec!["after-stage=1,executor=busiest".parse().unwrap()], 1);
-        let orders = busiest.observe(&Progress::StageDone { stage: 1 }, &live());
+        let orders = busiest.observe(&Progress::StageDone { stage: 1 }, live);
         assert_eq!(
             orders[0].executor, "exec-1",
             "most outputs, lowest id on a tie"

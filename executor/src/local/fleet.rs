@@ -1,7 +1,7 @@
 //! The local runner's executor processes: starts them, notices when one dies or is declared
 //! lost, tells the driver and starts a replacement under a new id (as the operator does with
 //! pods), and carries out chaos orders.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Instant;
@@ -233,13 +233,16 @@ impl Fleet {
             // ignores it from now on and it exits when it hears so. Replace it now.
             self.replace(&executor.clone(), waiters, exits);
         }
-        let live: BTreeMap<String, usize> = self
-            .driver
-            .outputs_held()
-            .into_iter()
-            .filter(|(e, _)| self.running.contains_key(e))
-            .collect();
-        for order in self.chaos.observe(event, &live) {
+        if self.chaos.done() {
+            return;
+        }
+        let (driver, running) = (&self.driver, &self.running);
+        let live = || {
+            let mut held = driver.outputs_held();
+            held.retain(|e, _| running.contains_key(e));
+            held
+        };
+        for order in self.chaos.observe(event, live) {
             self.carry_out(order);
         }
     }

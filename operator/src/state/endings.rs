@@ -5,7 +5,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kiln_api::crd::{
     CONDITION_DEGRADED, CONDITION_FAILED, CONDITION_PROGRESSING, CONDITION_READY,
-    CONDITION_SUCCEEDED, JobResult, ROLE_DRIVER, ROLE_EXECUTOR,
+    CONDITION_SUCCEEDED, ComputeJobStatus, JobResult, ROLE_DRIVER, ROLE_EXECUTOR,
 };
 use kiln_api::{DriverReport, JobPhase};
 
@@ -125,6 +125,10 @@ impl Run<'_, '_> {
         let spec = &self.obs.job.spec;
         let generation = self.obs.job.metadata.generation;
         let now = self.now();
+        // Every condition this pass sets carries the same generation and time.
+        let set = |s: &mut ComputeJobStatus, type_: &str, on: bool, reason: &str, message: &str| {
+            s.set_condition(type_, on, reason, message, generation, &now);
+        };
         let s = &mut self.status;
         s.observed_generation = generation;
         s.executors.desired = spec.executors.count;
@@ -139,59 +143,38 @@ impl Run<'_, '_> {
                     } else {
                         "Failed"
                     };
-                    s.set_condition(CONDITION_READY, false, reason, "", generation, &now);
-                    s.set_condition(CONDITION_PROGRESSING, false, reason, "", generation, &now);
-                    s.set_condition(CONDITION_DEGRADED, false, reason, "", generation, &now);
+                    set(s, CONDITION_READY, false, reason, "");
+                    set(s, CONDITION_PROGRESSING, false, reason, "");
+                    set(s, CONDITION_DEGRADED, false, reason, "");
                 }
             }
             Some(Outlook::Suspended) => {
                 for c in [CONDITION_READY, CONDITION_PROGRESSING, CONDITION_DEGRADED] {
-                    s.set_condition(
-                        c,
-                        false,
-                        "Suspended",
-                        "spec.suspend is set",
-                        generation,
-                        &now,
-                    );
+                    set(s, c, false, "Suspended", "spec.suspend is set");
                 }
-                s.set_condition(
-                    CONDITION_SUCCEEDED,
-                    false,
-                    "Suspended",
-                    "",
-                    generation,
-                    &now,
-                );
-                s.set_condition(CONDITION_FAILED, false, "Suspended", "", generation, &now);
+                set(s, CONDITION_SUCCEEDED, false, "Suspended", "");
+                set(s, CONDITION_FAILED, false, "Suspended", "");
             }
             Some(Outlook::Pending { reason, message }) => {
-                s.set_condition(CONDITION_READY, false, reason, &message, generation, &now);
-                s.set_condition(
-                    CONDITION_PROGRESSING,
-                    true,
-                    reason,
-                    &message,
-                    generation,
-                    &now,
-                );
+                set(s, CONDITION_READY, false, reason, &message);
+                set(s, CONDITION_PROGRESSING, true, reason, &message);
                 let degraded = reason == "DriverLost";
-                s.set_condition(
+                set(
+                    s,
                     CONDITION_DEGRADED,
                     degraded,
                     if degraded { reason } else { "AsExpected" },
                     if degraded { &message } else { "" },
-                    generation,
-                    &now,
                 );
-                s.set_condition(CONDITION_SUCCEEDED, false, "Pending", "", generation, &now);
-                s.set_condition(CONDITION_FAILED, false, "Pending", "", generation, &now);
+                set(s, CONDITION_SUCCEEDED, false, "Pending", "");
+                set(s, CONDITION_FAILED, false, "Pending", "");
             }
             Some(Outlook::Running) => {
                 let running = s.executors.running;
                 let ready = running >= desired;
                 let ready_msg = format!("{running} of {desired} executors running");
-                s.set_condition(
+                set(
+                    s,
                     CONDITION_READY,
                     ready,
                     if ready {
@@ -200,8 +183,6 @@ impl Run<'_, '_> {
                         "ExecutorsStarting"
                     },
                     &ready_msg,
-                    generation,
-                    &now,
                 );
                 let degraded = !ready && s.executors.lost > 0;
                 let (reason, message) = if degraded {
@@ -214,15 +195,9 @@ impl Run<'_, '_> {
                 } else {
                     ("Running", s.progress.summary.clone())
                 };
-                s.set_condition(
-                    CONDITION_PROGRESSING,
-                    true,
-                    reason,
-                    &message,
-                    generation,
-                    &now,
-                );
-                s.set_condition(
+                set(s, CONDITION_PROGRESSING, true, reason, &message);
+                set(
+                    s,
                     CONDITION_DEGRADED,
                     degraded,
                     if degraded {
@@ -231,11 +206,9 @@ impl Run<'_, '_> {
                         "AsExpected"
                     },
                     if degraded { &message } else { "" },
-                    generation,
-                    &now,
                 );
-                s.set_condition(CONDITION_SUCCEEDED, false, "Running", "", generation, &now);
-                s.set_condition(CONDITION_FAILED, false, "Running", "", generation, &now);
+                set(s, CONDITION_SUCCEEDED, false, "Running", "");
+                set(s, CONDITION_FAILED, false, "Running", "");
             }
         }
         if self.old.phase != JobPhase::Running && self.status.phase == JobPhase::Running {

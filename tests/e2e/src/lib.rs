@@ -147,6 +147,19 @@ pub async fn node_labels(client: &Client) -> Result<BTreeMap<String, BTreeMap<St
         .collect())
 }
 
+/// Node name → its capacity type (`spot` or `on-demand`), for the nodes the node agent
+/// plays; nodes without the label map to an empty string.
+pub async fn node_capacity_types(client: &Client) -> Result<BTreeMap<String, String>> {
+    Ok(node_labels(client)
+        .await?
+        .into_iter()
+        .map(|(node, labels)| {
+            let capacity = labels.get(CAPACITY_TYPE).cloned().unwrap_or_default();
+            (node, capacity)
+        })
+        .collect())
+}
+
 /// The status of a node's Ready condition ("True", "False", "Unknown").
 pub fn node_ready(node: &Node) -> Option<String> {
     node.status

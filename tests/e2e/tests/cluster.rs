@@ -12,7 +12,7 @@ use serde_json::json;
 
 use kiln_e2e::{
     CAPACITY_TYPE, SPOT_TAINT, TestNamespace, agent_control, client, has_condition, http, kubectl,
-    node_labels, node_ready, pod_ready, serial, wait_for,
+    node_capacity_types, node_ready, pod_ready, serial, wait_for,
 };
 
 /// A small HTTP server (python3 from the host, via the `python:*` mapping).
@@ -168,14 +168,8 @@ async fn deployments_land_where_selectors_and_tolerations_allow_and_pods_talk() 
         )
         .await?;
 
-    let labels = node_labels(&client).await?;
-    let capacity = |node: &str| {
-        labels
-            .get(node)
-            .and_then(|l| l.get(CAPACITY_TYPE))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let capacities = node_capacity_types(&client).await?;
+    let capacity = |node: &str| capacities.get(node).cloned().unwrap_or_default();
     let spot_pods = ready_pods(&pods, "web-spot", 3).await?;
     for p in &spot_pods {
         ensure!(

@@ -19,9 +19,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use kiln_e2e::{
-    CAPACITY_TYPE, TestNamespace, client, kubectl, node_labels, repo, serial, wait_for,
-};
+use kiln_e2e::{TestNamespace, client, kubectl, node_capacity_types, repo, serial, wait_for};
 
 const CHART: &str = "charts/kiln";
 const CRD: &str = "charts/kiln/crds/computejob.yaml";
@@ -356,7 +354,7 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
             Ok(pods) => pods,
             Err(e) => bail!("{e:#}\noperator logs:\n{}", operator_logs(&client, ns).await),
         };
-        let labels = node_labels(&client).await?;
+        let capacities = node_capacity_types(&client).await?;
         let mut names = Vec::new();
         for p in &operators {
             let spec = p.spec.clone().unwrap_or_default();
@@ -371,11 +369,7 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
             check_entrypoint(&name, c, &image, "operator")?;
             let node = spec.node_name.clone().unwrap_or_default();
             ensure!(
-                labels
-                    .get(&node)
-                    .and_then(|l| l.get(CAPACITY_TYPE))
-                    .map(String::as_str)
-                    == Some("on-demand"),
+                capacities.get(&node).map(String::as_str) == Some("on-demand"),
                 "{name} runs on {node}, not an on-demand node"
             );
             names.push(name);
@@ -461,11 +455,7 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
                 let node = spec.node_name.clone().unwrap_or_default();
                 if role == "executor" && !node.is_empty() {
                     ensure!(
-                        labels
-                            .get(&node)
-                            .and_then(|l| l.get(CAPACITY_TYPE))
-                            .map(String::as_str)
-                            == Some("spot"),
+                        capacities.get(&node).map(String::as_str) == Some("spot"),
                         "{name} runs on {node}: the chart's spot placement did not reach the operator"
                     );
                 }

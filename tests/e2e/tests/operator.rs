@@ -18,8 +18,8 @@ use kiln_e2e::operator::{
     scratch, token, tpch, wait_finished,
 };
 use kiln_e2e::{
-    CAPACITY_TYPE, TestNamespace, agent_control, client, kubectl, node_labels, node_ready, repo,
-    serial, wait_for,
+    TestNamespace, agent_control, client, kubectl, node_capacity_types, node_ready, repo, serial,
+    wait_for,
 };
 
 /// The operator's configuration in these tests: progress read every second, a short
@@ -83,14 +83,8 @@ fn dir(path: &std::path::Path) -> String {
 
 /// Checks the driver ran on an on-demand node and every executor on a spot node.
 async fn check_placement(client: &Client, placements: &Placements) -> Result<()> {
-    let labels = node_labels(client).await?;
-    let capacity = |node: &str| {
-        labels
-            .get(node)
-            .and_then(|l| l.get(CAPACITY_TYPE))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let capacities = node_capacity_types(client).await?;
+    let capacity = |node: &str| capacities.get(node).cloned().unwrap_or_default();
     ensure!(
         placements.0.keys().any(|p| p.ends_with("-driver")),
         "no driver pod seen: {:?}",
