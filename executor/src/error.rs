@@ -53,6 +53,12 @@ pub enum Error {
     /// Arrow encoding or decoding failed.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A block transfer over Arrow Flight failed.
+    #[error("flight: {0}")]
+    Flight(#[from] arrow_flight::error::FlightError),
+    /// Work was cancelled before it finished (the runtime shutting down).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A plan could not be encoded for, or decoded on, an executor.
     #[error("{action} plan of stage {stage}: {source}")]
     CodecPlan {
@@ -138,6 +144,8 @@ impl Error {
             Error::FetchFailed { .. } => "FetchFailed",
             Error::BlockNotFound(_) => "BlockNotFound",
             Error::SpillIo { .. } => "SpillIo",
+            Error::Flight(_) => "Flight",
+            Error::Cancelled(_) => "Cancelled",
             Error::Arrow(_) => "Arrow",
             Error::CodecPlan { .. } => "CodecPlan",
             Error::Execute(_) => "Execute",

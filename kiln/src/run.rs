@@ -204,7 +204,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let cluster = LocalCluster::start(&spec, &options).await?;
     let bars = (!args.quiet).then(|| ProgressBars::spawn(cluster.driver().subscribe()));
-    let outcome = cluster.driver().run(&spec).await;
+    let outcome = tokio::select! {
+        outcome = cluster.driver().run(&spec) => outcome,
+        () = kiln_operator::shutdown_signal() => {
+            // Stop the executors and remove the work folder rather than leave them behind.
+            if let Some(b) = bars {
+                b.finish().await;
+            }
+            cluster.stop().await;
+            eprintln!("interrupted: the job was stopped and its executors with it");
+            return Ok(ExitCode::from(130));
+        }
+    };
     if let Some(b) = bars {
         b.finish().await;
     }

@@ -390,12 +390,8 @@ async fn fetch_result(shared: &Arc<Shared>, stage: u32) -> Result<Vec<RecordBatc
             reduce_partition: 0,
             message,
         };
-        let stream = peers
+        let batches = peers
             .fetch(&address, id, Count::new())
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let batches: Vec<RecordBatch> = stream
-            .try_collect()
             .await
             .map_err(|e| failed(e.to_string()))?;
         out.extend(batches);

@@ -14,8 +14,8 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::physical_plan::metrics::Count;
-use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
@@ -150,24 +150,40 @@ impl PeerClients {
         Ok(channel)
     }
 
-    /// Streams one block from the executor at `address`, counting the bytes received.
+    /// Fetches one whole block from the executor at `address`, counting the bytes received.
+    ///
+    /// The transfer runs as a task of its own and reads the block to its end whatever the
+    /// caller does meanwhile. A reader that opened several blocks and read them one after
+    /// another would leave the others' data unread in HTTP/2 buffers; that data holds the
+    /// connection's flow-control window, and the block being read, sharing the connection,
+    /// would then wait forever. Dropping the returned future cancels the transfer.
     pub async fn fetch(
         &self,
         address: &str,
         id: BlockId,
         received: Count,
-    ) -> Result<BoxStream<'static, Result<RecordBatch, FlightError>>> {
-        let mut client =
-            FlightServiceClient::new(self.channel(address)?).max_decoding_message_size(usize::MAX);
-        let response = client
-            .do_get(Ticket::new(id.ticket()))
-            .await
-            .map_err(|s| Error::rpc("do_get", s))?;
-        let data = response.into_inner().map(move |d| {
-            let d = d.map_err(FlightError::from)?;
-            received.add(d.data_body.len() + d.data_header.len());
-            Ok(d)
+    ) -> Result<Vec<RecordBatch>> {
+        let channel = self.channel(address)?;
+        let transfer = SpawnedTask::spawn(async move {
+            let mut client =
+                FlightServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+            let response = client
+                .do_get(Ticket::new(id.ticket()))
+                .await
+                .map_err(|s| Error::rpc("do_get", s))?;
+            let data = response.into_inner().map(move |d| {
+                let d = d.map_err(FlightError::from)?;
+                received.add(d.data_body.len() + d.data_header.len());
+                Ok(d)
+            });
+            FlightRecordBatchStream::new_from_flight_data(data)
+                .try_collect::<Vec<RecordBatch>>()
+                .await
+                .map_err(Error::Flight)
         });
-        Ok(FlightRecordBatchStream::new_from_flight_data(data).boxed())
+        transfer
+            .join_unwind()
+            .await
+            .map_err(|e| Error::Cancelled(e.to_string()))?
     }
 }

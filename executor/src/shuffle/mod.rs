@@ -2,6 +2,8 @@
 //! ([`ShuffleWriterExec`]); consumers fetch the blocks of every map output, locally or over
 //! Arrow Flight ([`ShuffleReaderExec`]).
 mod flight;
+#[cfg(test)]
+mod flight_tests;
 mod reader;
 mod writer;
 

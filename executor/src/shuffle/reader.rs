@@ -237,12 +237,10 @@ async fn fetch(
         counters.local.add(bytes);
         return Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed());
     }
-    let stream = env
+    let batches = env
         .peers
         .fetch(&loc.address, id, counters.remote)
         .await
         .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
-    Ok(stream
-        .map_err(move |e| fetch_failed(id, &loc, e.to_string()))
-        .boxed())
+    Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed())
 }
