@@ -427,6 +427,12 @@ pub struct FailurePolicy {
     /// Executors the job may lose before it fails.
     #[serde(default = "default_executor_losses")]
     pub max_executor_losses: u32,
+    /// Seconds without a heartbeat after which the driver declares an executor lost (and the
+    /// operator replaces its pod). An executor only paused for less is not lost. A node
+    /// that dies without a word costs at least this long.
+    #[serde(default = "default_heartbeat_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub heartbeat_timeout_seconds: u32,
 }
 
 impl Default for FailurePolicy {
@@ -435,6 +441,7 @@ impl Default for FailurePolicy {
             max_task_attempts: default_task_attempts(),
             max_stage_attempts: default_stage_attempts(),
             max_executor_losses: default_executor_losses(),
+            heartbeat_timeout_seconds: default_heartbeat_timeout(),
         }
     }
 }
@@ -521,4 +528,7 @@ fn default_stage_attempts() -> u32 {
 }
 fn default_executor_losses() -> u32 {
     20
+}
+fn default_heartbeat_timeout() -> u32 {
+    10
 }

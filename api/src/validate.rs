@@ -88,6 +88,12 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
             err(field.into(), "must be at least 1".into());
         }
     }
+    if !(1..=3600).contains(&fp.heartbeat_timeout_seconds) {
+        err(
+            "failurePolicy.heartbeatTimeoutSeconds".into(),
+            "must be between 1 and 3600".into(),
+        );
+    }
 
     let mut names = HashSet::new();
     for (i, input) in spec.inputs.iter().enumerate() {

@@ -52,9 +52,10 @@ struct DriverArgs {
     /// The per-job secret executors must present.
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Seconds without a heartbeat before an executor is declared lost.
-    #[arg(long, default_value_t = 10)]
-    heartbeat_timeout: u64,
+    /// Seconds without a heartbeat before an executor is declared lost (default: the job's
+    /// `failurePolicy.heartbeatTimeoutSeconds`).
+    #[arg(long)]
+    heartbeat_timeout: Option<u64>,
     /// Where to write the full JSON job summary.
     #[arg(long)]
     summary: Option<PathBuf>,
@@ -182,7 +183,10 @@ async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
         kiln_executor::driver::DriverOptions {
             bind: args.bind,
             token: args.token,
-            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
+            heartbeat_timeout: Duration::from_secs(
+                args.heartbeat_timeout
+                    .unwrap_or(spec.failure_policy.heartbeat_timeout_seconds.into()),
+            ),
         },
     )
     .await?;

@@ -31,9 +31,10 @@ pub struct RunArgs {
     /// Result rows to print at most.
     #[arg(long, default_value_t = 100)]
     max_rows: usize,
-    /// Seconds without a heartbeat before an executor is declared lost.
-    #[arg(long, default_value_t = 10)]
-    heartbeat_timeout: u64,
+    /// Seconds without a heartbeat before an executor is declared lost (default: the job's
+    /// `failurePolicy.heartbeatTimeoutSeconds`).
+    #[arg(long)]
+    heartbeat_timeout: Option<u64>,
     /// Kill (or pause) an executor process during the run, as a spot reclaim would; may be
     /// given several times. `stage=3,at=50%` once half of stage 3's tasks are done;
     /// `at=50%` the same for the first shuffle stage; `after-stage=2` once stage 2 is done.
@@ -193,7 +194,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let options = LocalOptions {
         in_process: args.in_process,
-        heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
+        heartbeat_timeout: Duration::from_secs(
+            args.heartbeat_timeout
+                .unwrap_or(spec.failure_policy.heartbeat_timeout_seconds.into()),
+        ),
         chaos: args.chaos.clone(),
         chaos_seed,
         ..LocalOptions::new(

@@ -281,18 +281,15 @@ fn a_paused_executor_is_lost_only_past_the_heartbeat_timeout() {
     );
     assert!(diff_row_sets(&baseline, &batches).is_none());
 
+    // This time the timeout comes from the job spec rather than the command line.
+    let mut long = job("long");
+    long["failurePolicy"] =
+        serde_yaml::to_value(serde_json::json!({"heartbeatTimeoutSeconds": 2})).expect("yaml");
     let (summary, batches) = run(
         &rt,
         dir.path(),
-        &job("long"),
-        &[
-            "--heartbeat-timeout",
-            "2",
-            "--chaos",
-            "at=50%,pause=6s",
-            "--chaos-seed",
-            "3",
-        ],
+        &long,
+        &["--chaos", "at=50%,pause=6s", "--chaos-seed", "3"],
         "q18, paused 6 s",
     );
     let lost = losses(&summary);

@@ -12,6 +12,9 @@ pub enum LossReason {
     Preempted,
     /// The executor failed, or its pod was deleted.
     Failed,
+    /// The driver stopped hearing from it and declared it lost (a node that died without a
+    /// word, before the control plane noticed; a process that hangs).
+    HeartbeatTimeout,
 }
 
 impl LossReason {
@@ -20,6 +23,7 @@ impl LossReason {
         match self {
             LossReason::Preempted => "Preempted",
             LossReason::Failed => "Failed",
+            LossReason::HeartbeatTimeout => "HeartbeatTimeout",
         }
     }
 }

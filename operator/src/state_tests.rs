@@ -224,6 +224,46 @@ fn an_executor_on_a_lost_node_is_preempted_and_force_deleted() {
 }
 
 #[test]
+fn an_executor_the_driver_gave_up_on_is_replaced_before_the_control_plane_notices() {
+    let mut w = World::running();
+    // Its node died without a word: the pod still looks fine, the driver's heartbeats lapsed.
+    w.progress = Some(JobStatusResponse {
+        lost_executors: vec![kiln_api::rpc::LostExecutor {
+            executor_id: "wc-exec-1".into(),
+            reason: "HeartbeatTimeout".into(),
+        }],
+        ..Default::default()
+    });
+    let plan = w.step(50);
+    assert_eq!(
+        plan.losses,
+        [("wc-exec-1".to_string(), LossReason::HeartbeatTimeout)]
+    );
+    assert!(plan.actions.contains(&Action::DeletePod {
+        name: "wc-exec-1".into(),
+        force: false
+    }));
+    assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
+    assert_eq!(plan.status.executors.lost_by_reason["HeartbeatTimeout"], 1);
+    assert_eq!(plan.status.recovery.last_loss.as_deref(), Some("wc-exec-1"));
+    // The next look finds the loss handled: nothing is reported twice.
+    w.apply(&plan, 50);
+    let again = w.step(51);
+    assert!(again.losses.is_empty());
+    assert!(applied_pods(&again).is_empty());
+    // A loss the driver learnt from the operator itself is not a heartbeat loss.
+    let mut w = World::running();
+    w.progress = Some(JobStatusResponse {
+        lost_executors: vec![kiln_api::rpc::LostExecutor {
+            executor_id: "wc-exec-1".into(),
+            reason: "Preempted".into(),
+        }],
+        ..Default::default()
+    });
+    assert!(w.step(50).losses.is_empty());
+}
+
+#[test]
 fn a_deleted_executor_pod_counts_as_failed() {
     let mut w = World::running();
     w.pods

@@ -5,6 +5,7 @@ fn policy() -> FailurePolicy {
         max_task_attempts: 3,
         max_stage_attempts: 3,
         max_executor_losses: 2,
+        ..Default::default()
     }
 }
 

@@ -225,6 +225,15 @@ impl Shared {
             .last()
             .map(|l| l.executor.clone())
             .unwrap_or_default();
+        status.lost_executors = state
+            .sched
+            .losses()
+            .iter()
+            .map(|l| rpc::LostExecutor {
+                executor_id: l.executor.clone(),
+                reason: l.reason.as_str().to_string(),
+            })
+            .collect();
         status
     }
 

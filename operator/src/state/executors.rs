@@ -69,6 +69,17 @@ impl Run<'_, '_> {
                     detail,
                     driver_ip,
                 );
+            } else if self.driver_gave_up_on(&name) {
+                // The driver already gave up on it: replace it now rather than run short
+                // until the control plane notices (its node may be gone without a word).
+                self.lose(
+                    &name,
+                    Some(&pod),
+                    LossReason::HeartbeatTimeout,
+                    false,
+                    "the driver stopped hearing from it".into(),
+                    driver_ip,
+                );
             } else if podstate::is_deleting(&pod) {
                 self.lose(
                     &name,

@@ -225,6 +225,15 @@ impl Run<'_, '_> {
         });
     }
 
+    /// Whether the driver declared the executor `name` lost by heartbeat timeout.
+    pub(crate) fn driver_gave_up_on(&self, name: &str) -> bool {
+        self.obs.progress.is_some_and(|p| {
+            p.lost_executors
+                .iter()
+                .any(|l| l.executor_id == name && l.reason == "HeartbeatTimeout")
+        })
+    }
+
     pub(crate) fn node_lost(&self, pod: &Pod) -> bool {
         podstate::node(pod).is_some_and(|n| self.obs.lost_nodes.contains(n))
     }

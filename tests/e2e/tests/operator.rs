@@ -77,6 +77,29 @@ output: {{uri: "{out}/", format: csv}}
     )
 }
 
+/// The PageRank example (cached `links` and `pages`, an iterative `ranks`) run for
+/// `iterations`, long enough to lose a node in the middle of it: many shuffles, each
+/// iteration reading the cached partitions. Executors not heard from for 3 s are lost.
+fn pagerank(out: &str, iterations: u32) -> Result<String> {
+    let example = repo().join("examples/pagerank");
+    let mut spec: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(example.join("job.yaml"))?)?;
+    spec["inputs"][0]["uri"] = dir(&example.join("edges.csv").canonicalize()?).into();
+    spec["steps"][2]["repeat"] = iterations.into();
+    let extra: serde_yaml::Value = serde_yaml::from_str(&format!(
+        r#"
+executors: {{count: 2, cpu: "1", memory: 512Mi, slots: 1}}
+shufflePartitions: 8
+failurePolicy: {{heartbeatTimeoutSeconds: 3}}
+output: {{uri: "{out}/", format: csv}}
+"#
+    ))?;
+    for (k, v) in extra.as_mapping().context("a mapping")? {
+        spec[k.as_str().context("a key")?] = v.clone();
+    }
+    Ok(serde_yaml::to_string(&spec)?)
+}
+
 fn dir(path: &std::path::Path) -> String {
     path.display().to_string()
 }
@@ -264,8 +287,8 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     let ns = TestNamespace::new(&client, "e2e-chaos").await?;
     let op = Operator::start("op-chaos", "kiln-e2e-chaos", 18182, CONFIG).await?;
     let work = scratch(&ns.name)?;
-    let data = tpch("0.05").await?;
-    let spec = q3(&data, &dir(&work.join("out")), 32);
+    const ITERATIONS: u32 = 200;
+    let spec = pagerank(&dir(&work.join("out")), ITERATIONS)?;
     // The pods log at debug level (through the pod templates), for a failure's diagnosis.
     let mut chaos = job("chaos", &spec)?;
     let debug: k8s_openapi::api::core::v1::EnvVar =
@@ -274,8 +297,8 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     chaos.spec.executors.template.env.push(debug);
     create_job(&client, &ns.name, &chaos).await?;
 
-    // Wait until the first shuffle's map outputs exist and the job is not done: then kill
-    // the spot node of one executor.
+    // Wait until the cached steps and a few iterations are done, then kill the spot node of
+    // one executor: it holds cached partitions and the map outputs of the running iteration.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let driver_ip = wait_for("the driver's address", Duration::from_secs(60), || async {
         Ok(pods
@@ -286,9 +309,9 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     })
     .await?;
     let token = token(&client, &ns.name, "chaos").await?;
-    wait_for("a finished map stage", Duration::from_secs(120), || async {
+    wait_for("a few iterations", Duration::from_secs(120), || async {
         let p = driver_progress(&driver_ip, &token).await?;
-        Ok((p.stages_done >= 1 && p.stages_done < p.stages_total).then_some(()))
+        Ok((p.stages_done >= 12 && p.stages_done < p.stages_total).then_some(()))
     })
     .await?;
     let victim_pod = pods.get("chaos-exec-0").await?;
@@ -331,7 +354,11 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
         // Every executor, replacements included, ran on a spot node.
         check_placement(&client, &placements).await?;
         let rows = csv_rows(&work.join("out"))?;
-        let local = run_locally(&q3(&data, &dir(&work.join("local")), 32), &work.join("local")).await?;
+        let local = run_locally(
+            &pagerank(&dir(&work.join("local")), ITERATIONS)?,
+            &work.join("local"),
+        )
+        .await?;
         ensure!(rows == local, "output after the loss differs from the no-failure run");
         // Losses and replacement latency are in the operator's metrics.
         ensure!(op.metric("kiln_operator_executor_losses_total").await? >= 1.0);
