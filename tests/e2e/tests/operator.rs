@@ -330,8 +330,7 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
         let s = done.status.clone().unwrap_or_default();
         let result = s.result.clone().context("no result")?;
         eprintln!(
-            "killed {victim} {:?} into the job; finished {:?} later; status executors {:?}, recovery {:?}, result lost {:?}, recomputed {}",
-            killed_at.elapsed(),
+            "killed {victim}; the job finished {:?} later; status executors {:?}, recovery {:?}, result lost {:?}, recomputed {}",
             killed_at.elapsed(),
             s.executors,
             s.recovery,
