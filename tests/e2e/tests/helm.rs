@@ -302,18 +302,6 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
     let client = client().await?;
     let helm = helm_bin().await?;
     let image = image()?;
-    // The node agent gives pods the host's HOME, and kube-rs prefers $HOME/.kube/config to
-    // the in-cluster config: with that file present the operator pods would not use their
-    // ServiceAccount, and this test could not show that the chart's RBAC suffices.
-    if let Ok(home) = std::env::var("HOME") {
-        let kubeconfig = PathBuf::from(home).join(".kube/config");
-        ensure!(
-            !kubeconfig.exists(),
-            "{} exists: operator pods of the test cluster would use it instead of their \
-             ServiceAccount; move it away to run this test",
-            kubeconfig.display()
-        );
-    }
     let release_ns = TestNamespace::new(&client, "e2e-helm").await?;
     let jobs_ns = TestNamespace::new(&client, "e2e-helm-jobs").await?;
     let release = "kiln-e2e";

@@ -2,14 +2,14 @@
 //! watches pods bound to them and runs one worker per pod; fault injection.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::{Config, NodeConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::net::{self, IpPool, Registry};
 use crate::node::{self, NodeNet};
 use crate::pod::{PodMsg, Worker};
@@ -32,6 +32,18 @@ pub struct Shared {
     pub state_dir: PathBuf,
     pub registry: Registry,
     pub gateway: Ipv4Addr,
+    /// The port the API server listens on (its service IP is found at start).
+    pub api_port: u16,
+    /// Where pods reach the API server, once known.
+    pub api: std::sync::OnceLock<SocketAddrV4>,
+}
+
+impl Shared {
+    /// Where pods reach the API server: the `kubernetes` Service's IP, at the port the
+    /// API server listens on.
+    pub fn api(&self) -> Option<SocketAddrV4> {
+        self.api.get().copied()
+    }
 }
 
 /// One node the agent plays.
@@ -75,6 +87,7 @@ impl Agent {
         config: Config,
         repo: PathBuf,
         state_dir: PathBuf,
+        api_port: u16,
     ) -> Result<Arc<Self>> {
         let prefix = config.network_prefix()?;
         let gateway = config.gateway()?;
@@ -102,6 +115,8 @@ impl Agent {
                 state_dir,
                 registry,
                 gateway,
+                api_port,
+                api: std::sync::OnceLock::new(),
             }),
             nodes,
             workers: Mutex::new(HashMap::new()),
@@ -120,6 +135,27 @@ impl Agent {
             &node_ips,
         )
         .await?;
+        // No kube-proxy here: the `kubernetes` Service's IP goes on the bridge, so pods reach
+        // the API server (listening on every address) at that IP, and the variables a kubelet
+        // sets point in-cluster clients there, with the API server's own port.
+        let services: Api<Service> = Api::namespaced(self.shared.client.clone(), "default");
+        let cluster_ip = services
+            .get("kubernetes")
+            .await
+            .map_err(|source| Error::ApiService {
+                source: Box::new(source),
+            })?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        if let Some(ip) = cluster_ip {
+            net::add_address(&cfg.bridge, ip).await?;
+            let _ = self
+                .shared
+                .api
+                .set(SocketAddrV4::new(ip, self.shared.api_port));
+            info!(address = %SocketAddrV4::new(ip, self.shared.api_port), "pods reach the API server");
+        }
         for n in self.nodes.values() {
             let uid = node::register(&self.shared.client, &n.cfg, &n.net).await?;
             info!(node = %n.cfg.name, capacity_type = n.cfg.capacity_type.label_value(), "node registered");

@@ -17,6 +17,8 @@ pub enum Error {
     },
     #[error("invalid config: {0}")]
     InvalidConfig(String),
+    #[error("reading the `kubernetes` Service (the API server's address for pods): {source}")]
+    ApiService { source: Box<kube::Error> },
     #[error("registering node {node}: {source}")]
     RegisterNode {
         node: String,
@@ -116,9 +118,10 @@ impl Error {
             | Error::UnsupportedEnv { .. }
             | Error::SpawnContainer { .. }
             | Error::Signal { .. } => "container",
-            Error::RunCommand { .. } | Error::CommandFailed { .. } | Error::NoFreeIp { .. } => {
-                "network"
-            }
+            Error::RunCommand { .. }
+            | Error::CommandFailed { .. }
+            | Error::NoFreeIp { .. }
+            | Error::ApiService { .. } => "network",
             Error::WriteFile { .. } => "filesystem",
             Error::BindControl { .. } => "control",
         }

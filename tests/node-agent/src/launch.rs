@@ -3,6 +3,7 @@
 //! and the start script with the container's mounts.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
@@ -22,22 +23,30 @@ pub fn container_files(pod_dir: &Path, container: &str) -> (PathBuf, PathBuf, Pa
     )
 }
 
-/// The environment every container starts from.
-pub fn base_env(pod: &Pod) -> BTreeMap<String, String> {
+/// The environment every container starts from. `HOME` is `/`, as for an image that sets
+/// none: never the agent's own, whose kubeconfig a client would otherwise pick up instead
+/// of its service account. `api` is where pods reach the API server (see
+/// [`crate::agent::Agent::start`]): the `KUBERNETES_SERVICE_*` variables a kubelet sets.
+pub fn base_env(pod: &Pod, api: Option<SocketAddrV4>) -> BTreeMap<String, String> {
     let path = std::env::var("PATH")
         .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    [
+    let mut env: BTreeMap<String, String> = [
         ("PATH".to_string(), path),
-        (
-            "HOME".to_string(),
-            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-        ),
+        ("HOME".to_string(), "/".to_string()),
         (
             "HOSTNAME".to_string(),
             pod.metadata.name.clone().unwrap_or_default(),
         ),
     ]
-    .into()
+    .into();
+    if let Some(api) = api {
+        let (host, port) = (api.ip().to_string(), api.port().to_string());
+        env.insert("KUBERNETES_PORT".into(), format!("tcp://{api}"));
+        env.insert("KUBERNETES_SERVICE_PORT_HTTPS".into(), port.clone());
+        env.insert("KUBERNETES_SERVICE_HOST".into(), host);
+        env.insert("KUBERNETES_SERVICE_PORT".into(), port);
+    }
+    env
 }
 
 async fn config_map_key(
@@ -75,6 +84,7 @@ pub async fn container_env(
     client: &Client,
     pod: &Pod,
     c: &Container,
+    api: Option<SocketAddrV4>,
 ) -> Result<BTreeMap<String, String>> {
     let ns = pod
         .metadata
@@ -92,7 +102,7 @@ pub async fn container_env(
             source: Box::new(source),
         }
     };
-    let mut env = base_env(pod);
+    let mut env = base_env(pod, api);
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &from.config_map_ref {
@@ -150,13 +160,14 @@ pub async fn prepare(
     netns: &str,
     pod_dir: &Path,
     volumes: &BTreeMap<String, PathBuf>,
+    api: Option<SocketAddrV4>,
 ) -> Result<Launch> {
     let image = c.image.clone().unwrap_or_default();
     let mapping = config.image(&image).ok_or_else(|| Error::UnmappedImage {
         image: image.clone(),
         container: c.name.clone(),
     })?;
-    let env = container_env(client, pod, c).await?;
+    let env = container_env(client, pod, c, api).await?;
     let command: Vec<String> = c
         .command
         .iter()
@@ -211,6 +222,20 @@ pub fn termination_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pods_get_the_api_servers_address_and_never_the_agents_home() {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("op-1".into());
+        let api = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 1), 16443);
+        let env = base_env(&pod, Some(api));
+        assert_eq!(env["HOME"], "/");
+        assert_eq!(env["HOSTNAME"], "op-1");
+        assert_eq!(env["KUBERNETES_SERVICE_HOST"], "10.0.0.1");
+        assert_eq!(env["KUBERNETES_SERVICE_PORT"], "16443");
+        assert_eq!(env["KUBERNETES_PORT"], "tcp://10.0.0.1:16443");
+        assert!(!base_env(&pod, None).contains_key("KUBERNETES_SERVICE_HOST"));
+    }
 
     #[test]
     fn termination_message_prefers_file_then_log_on_error() {

@@ -51,11 +51,14 @@ async fn main() -> anyhow::Result<()> {
     let repo = std::fs::canonicalize(&args.repo).context("resolving --repo")?;
     std::fs::create_dir_all(&args.state_dir).context("creating the state directory")?;
     let state_dir = std::fs::canonicalize(&args.state_dir)?;
-    let client = kube::Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
-        .context("connecting to the API server (KUBECONFIG)")?;
+        .context("reading the API server's address and credentials (KUBECONFIG)")?;
+    let api_port = kube_config.cluster_url.port_u16().unwrap_or(443);
+    let client =
+        kube::Client::try_from(kube_config).context("connecting to the API server (KUBECONFIG)")?;
     let listener = control::bind(&config.control).await?;
-    let agent = agent::Agent::new(client, config, repo, state_dir)?;
+    let agent = agent::Agent::new(client, config, repo, state_dir, api_port)?;
     agent.start().await?;
     tokio::spawn(control::serve(agent.clone(), listener));
     info!("node agent running");

@@ -81,6 +81,15 @@ pub async fn ensure_bridge(
     ip(&["link", "set", bridge, "up"]).await
 }
 
+/// Adds `addr/32` to the bridge (nothing when already there); it goes with the bridge.
+pub async fn add_address(bridge: &str, addr: Ipv4Addr) -> Result<()> {
+    let cidr = format!("{addr}/32");
+    match ip(&["addr", "add", &cidr, "dev", bridge]).await {
+        Err(e) if !e.to_string().contains("File exists") => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A pod's namespace and host-side veth names, derived from its UID (veth
 /// names are limited to 15 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -284,6 +284,7 @@ impl Worker {
                     &pod_net.netns,
                     &self.dir,
                     &vols,
+                    self.shared.api(),
                 )
                 .await?,
             );
