@@ -1,6 +1,6 @@
 //! Pure builders of a job's driver and executor pods: placement (affinity and tolerations
 //! from the operator's configuration), resources, security context and the command line.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
@@ -396,6 +396,40 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
     )
 }
 
+/// Keeps `pod` off `nodes` (by node name, whatever their labels): added to every required
+/// node-selector term, as the terms are alternatives.
+pub fn avoiding_nodes(mut pod: Pod, nodes: &BTreeSet<String>) -> Pod {
+    if nodes.is_empty() {
+        return pod;
+    }
+    let not_these = NodeSelectorRequirement {
+        key: "metadata.name".into(),
+        operator: "NotIn".into(),
+        values: Some(nodes.iter().cloned().collect()),
+    };
+    let affinity = pod
+        .spec
+        .get_or_insert_with(Default::default)
+        .affinity
+        .get_or_insert_with(Default::default)
+        .node_affinity
+        .get_or_insert_with(Default::default);
+    let required = affinity
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Default::default);
+    if required.node_selector_terms.is_empty() {
+        required
+            .node_selector_terms
+            .push(NodeSelectorTerm::default());
+    }
+    for term in &mut required.node_selector_terms {
+        term.match_fields
+            .get_or_insert_with(Vec::new)
+            .push(not_these.clone());
+    }
+    pod
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,6 +513,32 @@ mod tests {
                 .name,
             "wc-token"
         );
+    }
+
+    #[test]
+    fn a_replacement_avoids_the_nodes_given_in_every_alternative() {
+        let config = OperatorConfig::default();
+        let j = job("wc");
+        let dead: BTreeSet<String> = ["kiln-spot-2".to_string()].into();
+        let p = avoiding_nodes(executor_pod(ctx(&j, &config), 3, "ip"), &dead);
+        let t = terms(&p);
+        assert_eq!(t.len(), config.spot_node_labels.len());
+        for term in &t {
+            let f = &term.match_fields.as_ref().unwrap()[0];
+            assert_eq!(
+                (f.key.as_str(), f.operator.as_str()),
+                ("metadata.name", "NotIn")
+            );
+            assert_eq!(f.values.as_deref(), Some(&["kiln-spot-2".to_string()][..]));
+        }
+        // `Any` has no required terms: one is made.
+        let mut any = job("wc");
+        any.spec.executors.placement = Placement::Any;
+        let p = avoiding_nodes(executor_pod(ctx(&any, &config), 3, "ip"), &dead);
+        assert_eq!(terms(&p).len(), 1);
+        // Nothing to avoid: the pod is unchanged.
+        let p = executor_pod(ctx(&j, &config), 3, "ip");
+        assert_eq!(avoiding_nodes(p.clone(), &BTreeSet::new()), p);
     }
 
     #[test]

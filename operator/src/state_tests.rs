@@ -244,6 +244,20 @@ fn an_executor_the_driver_gave_up_on_is_replaced_before_the_control_plane_notice
         force: false
     }));
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
+    // The replacement keeps off the silent node, which the scheduler still thinks Ready.
+    let replacement = plan
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Apply(Child::Pod(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let avoided = serde_json::to_string(&replacement.spec.unwrap().affinity).unwrap();
+    assert!(
+        avoided.contains(r#""key":"metadata.name","operator":"NotIn","values":["kiln-spot-1"]"#),
+        "{avoided}"
+    );
     assert_eq!(plan.status.executors.lost_by_reason["HeartbeatTimeout"], 1);
     assert_eq!(plan.status.recovery.last_loss.as_deref(), Some("wc-exec-1"));
     // The next look finds the loss handled: nothing is reported twice.

@@ -1,5 +1,6 @@
 //! Executors of a running job: adopting pods created before a lost status write, finding
 //! the lost ones, telling the driver, replacing them with back-off, enforcing the budgets.
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -9,7 +10,7 @@ use kiln_api::crd::ROLE_EXECUTOR;
 
 use super::{Action, Child, Run, elapsed};
 use crate::children::{executor_index, executor_name};
-use crate::pods::executor_pod;
+use crate::pods::{avoiding_nodes, executor_pod};
 use crate::podstate::{self, LossReason};
 
 impl Run<'_, '_> {
@@ -33,6 +34,9 @@ impl Run<'_, '_> {
         let mut live = Vec::new();
         let mut running = 0;
         let mut finishing = false;
+        // Nodes a replacement must not go to: those of executors lost to a dead or silent
+        // node, which the scheduler may still think Ready.
+        let mut suspect = BTreeSet::new();
         for name in active {
             let pod = self
                 .obs
@@ -56,6 +60,9 @@ impl Run<'_, '_> {
                 // Executors exit 0 when the driver tells them the job is over.
                 finishing = true;
             } else if node_lost || podstate::is_disrupted(&pod) {
+                if node_lost {
+                    suspect.extend(podstate::node(&pod).map(str::to_string));
+                }
                 let detail = if node_lost {
                     format!("its node {} is lost", podstate::node(&pod).unwrap_or("?"))
                 } else {
@@ -70,6 +77,7 @@ impl Run<'_, '_> {
                     driver_ip,
                 );
             } else if self.driver_gave_up_on(&name) {
+                suspect.extend(podstate::node(&pod).map(str::to_string));
                 // The driver already gave up on it: replace it now rather than run short
                 // until the control plane notices (its node may be gone without a word).
                 self.lose(
@@ -176,7 +184,8 @@ impl Run<'_, '_> {
                 let replacing =
                     !self.old.executors.pods.is_empty() || self.status.executors.lost > 0;
                 for _ in 0..need {
-                    let pod = executor_pod(self.pod_ctx(), next, driver_ip);
+                    let pod =
+                        avoiding_nodes(executor_pod(self.pod_ctx(), next, driver_ip), &suspect);
                     self.plan
                         .actions
                         .push(Action::Apply(Child::Pod(Box::new(pod))));

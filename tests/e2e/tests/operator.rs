@@ -350,8 +350,15 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
             s.recovery
         );
         ensure!(s.recovery.last_loss.as_deref() == Some("chaos-exec-0") || s.recovery.last_loss.is_some());
-        // Every executor, replacements included, ran on a spot node.
+        // Every executor, replacements included, ran on a spot node, and no replacement
+        // went to the dead node while the scheduler still thought it Ready.
         check_placement(&client, &placements).await?;
+        let on_dead: Vec<_> = placements
+            .0
+            .iter()
+            .filter(|(pod, node)| **node == victim && pod.as_str() != "chaos-exec-0")
+            .collect();
+        ensure!(on_dead.is_empty(), "replacements on the dead node: {on_dead:?}");
         let rows = csv_rows(&work.join("out"))?;
         let local = run_locally(
             &pagerank(&dir(&work.join("local")), ITERATIONS)?,
