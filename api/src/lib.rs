@@ -5,6 +5,7 @@
 pub mod crd;
 mod error;
 mod load;
+mod loss;
 mod quantity;
 mod report;
 mod spec;
@@ -20,6 +21,7 @@ pub mod rpc {
 pub use crd::{ComputeJob, ComputeJobStatus, JobPhase};
 pub use error::{Error, Result};
 pub use load::{load_job, parse_job};
+pub use loss::LossReason;
 pub use quantity::{parse_cpu, parse_memory};
 pub use report::{DriverReport, TERMINATION_MESSAGE_LIMIT};
 pub use spec::*;

@@ -30,6 +30,19 @@ pub enum DriverCallError {
     },
 }
 
+/// Wraps a failed call's status with the call and the driver's address.
+fn call_failed(
+    call: &'static str,
+    driver_ip: &str,
+) -> impl FnOnce(tonic::Status) -> DriverCallError {
+    let address = driver_ip.to_string();
+    move |source| DriverCallError::Call {
+        call,
+        address,
+        source,
+    }
+}
+
 /// The calls the operator makes to a driver.
 #[async_trait::async_trait]
 pub trait DriverApi: Send + Sync {
@@ -101,11 +114,7 @@ impl DriverApi for GrpcDriver {
                 occurred_unix_ms,
             })
             .await
-            .map_err(|source| DriverCallError::Call {
-                call: "ExecutorLost",
-                address: driver_ip.to_string(),
-                source,
-            })?;
+            .map_err(call_failed("ExecutorLost", driver_ip))?;
         Ok(response.into_inner().known)
     }
 
@@ -120,11 +129,7 @@ impl DriverApi for GrpcDriver {
                 token: token.to_string(),
             })
             .await
-            .map_err(|source| DriverCallError::Call {
-                call: "JobStatus",
-                address: driver_ip.to_string(),
-                source,
-            })?;
+            .map_err(call_failed("JobStatus", driver_ip))?;
         Ok(response.into_inner())
     }
 }

@@ -5,28 +5,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::jiff::Timestamp;
 
-/// Why an executor is lost, as the driver's `ExecutorLost` takes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LossReason {
-    /// Disruption (eviction, spot reclaim, drain) or its node is gone: not the job's fault.
-    Preempted,
-    /// The executor failed, or its pod was deleted.
-    Failed,
-    /// The driver stopped hearing from it and declared it lost (a node that died without a
-    /// word, before the control plane noticed; a process that hangs).
-    HeartbeatTimeout,
-}
-
-impl LossReason {
-    /// The reason's name in the protocol, status and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossReason::Preempted => "Preempted",
-            LossReason::Failed => "Failed",
-            LossReason::HeartbeatTimeout => "HeartbeatTimeout",
-        }
-    }
-}
+pub use kiln_api::LossReason;
 
 /// Waiting reasons that mean the container cannot start: its image cannot be pulled or its
 /// configuration (a missing Secret or ConfigMap) is broken.

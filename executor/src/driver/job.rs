@@ -124,6 +124,14 @@ impl JobRun<'_> {
         name: &str,
         df: DataFrame,
     ) -> Result<(u32, SchemaRef)> {
+        let (stage, schema) = self.run_to_blocks(step, df).await?;
+        self.register_cached(step, name, stage, schema.clone())?;
+        Ok((stage, schema))
+    }
+
+    /// Runs `df`'s stages, leaving the result in the executors' block stores; returns the
+    /// result's stage (pinned until [`unpin`]) and schema.
+    async fn run_to_blocks(&mut self, step: &str, df: DataFrame) -> Result<(u32, SchemaRef)> {
         let plan = df.create_physical_plan().await.map_err(plan_err(step))?;
         let schema = plan.schema();
         let stages = self
@@ -131,7 +139,6 @@ impl JobRun<'_> {
             .split(plan, &FinalOutput::Blocks)
             .map_err(plan_err(step))?;
         let stage = run_stages(self.shared, step, stages, true).await?;
-        self.register_cached(step, name, stage, schema.clone())?;
         Ok((stage, schema))
     }
 
@@ -141,13 +148,7 @@ impl JobRun<'_> {
         step: &str,
         df: DataFrame,
     ) -> Result<(Vec<RecordBatch>, SchemaRef)> {
-        let plan = df.create_physical_plan().await.map_err(plan_err(step))?;
-        let schema = plan.schema();
-        let stages = self
-            .planner
-            .split(plan, &FinalOutput::Blocks)
-            .map_err(plan_err(step))?;
-        let stage = run_stages(self.shared, step, stages, true).await?;
+        let (stage, schema) = self.run_to_blocks(step, df).await?;
         let batches = fetch_result(self.shared, stage).await?;
         unpin(self.shared, stage);
         Ok((batches, schema))

@@ -42,28 +42,7 @@ enum TaskState {
     Done { executor: ExecutorId },
 }
 
-/// Why an executor is gone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LossReason {
-    /// Spot reclaim, node drain or node loss: not the job's fault, not counted against
-    /// `maxTaskAttempts`.
-    Preempted,
-    /// The executor failed or was killed.
-    Failed,
-    /// It stopped sending heartbeats.
-    HeartbeatTimeout,
-}
-
-impl LossReason {
-    /// Its name in summaries and RPCs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossReason::Preempted => "Preempted",
-            LossReason::Failed => "Failed",
-            LossReason::HeartbeatTimeout => "HeartbeatTimeout",
-        }
-    }
-}
+pub use kiln_api::LossReason;
 
 /// How a task attempt failed.
 #[derive(Clone, Debug, PartialEq, Eq)]

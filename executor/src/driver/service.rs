@@ -588,11 +588,7 @@ impl rpc::driver_server::Driver for DriverService {
             .unwrap()
             .sched
             .is_live(&req.executor_id);
-        let reason = if req.reason == LossReason::Preempted.as_str() {
-            LossReason::Preempted
-        } else {
-            LossReason::Failed
-        };
+        let reason = LossReason::parse(&req.reason).unwrap_or(LossReason::Failed);
         // When the caller saw the executor go, if it says (wall clock, milliseconds).
         let occurred = (req.occurred_unix_ms > 0)
             .then(|| {

@@ -228,9 +228,10 @@ impl Run<'_, '_> {
     /// Whether the driver declared the executor `name` lost by heartbeat timeout.
     pub(crate) fn driver_gave_up_on(&self, name: &str) -> bool {
         self.obs.progress.is_some_and(|p| {
-            p.lost_executors
-                .iter()
-                .any(|l| l.executor_id == name && l.reason == "HeartbeatTimeout")
+            p.lost_executors.iter().any(|l| {
+                l.executor_id == name
+                    && LossReason::parse(&l.reason) == Some(LossReason::HeartbeatTimeout)
+            })
         })
     }
 

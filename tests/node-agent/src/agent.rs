@@ -148,6 +148,11 @@ impl Agent {
             .spec
             .and_then(|s| s.cluster_ip)
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        if cluster_ip.is_none() {
+            warn!(
+                "the `kubernetes` Service has no IPv4 cluster IP: pods get no API server address"
+            );
+        }
         if let Some(ip) = cluster_ip {
             net::add_address(&cfg.bridge, ip).await?;
             let _ = self
