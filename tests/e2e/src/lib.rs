@@ -11,12 +11,14 @@ pub mod operator;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -79,7 +81,11 @@ where
     let mut last_err = None;
     loop {
         match f().await {
-            Ok(Some(v)) => return Ok(v),
+            Ok(Some(v)) => {
+                // Shown with the output of a failing test: where its time went.
+                eprintln!("{what}: after {:.1?}", start.elapsed());
+                return Ok(v);
+            }
             Ok(None) => {}
             Err(e) => last_err = Some(e),
         }
@@ -87,6 +93,70 @@ where
             bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every version of the pods that a label selector matches in a namespace, as the API
+/// server's watch delivers them: a pod that lives only between two polls is still seen.
+/// The watch ends when this is dropped.
+pub struct PodWatch {
+    seen: Arc<std::sync::Mutex<Vec<Pod>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodWatch {
+    /// Starts the watch and returns once its initial list is in, so that every pod created
+    /// afterwards is seen.
+    pub async fn start(client: &Client, namespace: &str, selector: &str) -> Result<Self> {
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let events = watcher(api, watcher::Config::default().labels(selector)).default_backoff();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready, started) = tokio::sync::oneshot::channel();
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready);
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = futures::StreamExt::next(&mut events).await {
+                match event {
+                    Ok(
+                        watcher::Event::Apply(pod)
+                        | watcher::Event::InitApply(pod)
+                        | watcher::Event::Delete(pod),
+                    ) => sink.lock().unwrap().push(pod),
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                    }
+                    Ok(watcher::Event::Init) => {}
+                    Err(e) => eprintln!("pod watch: {e} (retrying)"),
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), started)
+            .await
+            .with_context(|| format!("the watch of pods {selector} did not start in 30 s"))?
+            .with_context(|| format!("the watch of pods {selector} ended"))?;
+        Ok(Self { seen, task })
+    }
+
+    /// Every version seen so far, oldest first.
+    pub fn seen(&self) -> Vec<Pod> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Pod name → node, for every pod seen bound to a node.
+    pub fn placements(&self) -> BTreeMap<String, String> {
+        self.seen()
+            .into_iter()
+            .filter_map(|p| Some((p.metadata.name?, p.spec?.node_name?)))
+            .collect()
+    }
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -1,15 +1,14 @@
 //! Support for the operator's end-to-end tests: the CRD, the operator as a local process
 //! (with the test cluster's kubeconfig), ComputeJobs, their outputs and the driver's
 //! progress.
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kiln_api::{ComputeJob, JobPhase};
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::{http, kubectl, repo, wait_for};
@@ -143,25 +142,6 @@ pub async fn wait_finished(
         serde_json::to_string_pretty(&status)?
     );
     Ok(job)
-}
-
-/// Pod name → node, for every pod of job `name` seen so far; `record` adds what it sees.
-#[derive(Default)]
-pub struct Placements(pub BTreeMap<String, String>);
-
-impl Placements {
-    /// Looks at job `name`'s pods once.
-    pub async fn record(&mut self, client: &Client, ns: &str, name: &str) -> Result<()> {
-        let pods = Api::<Pod>::namespaced(client.clone(), ns)
-            .list(&ListParams::default().labels(&format!("kiln.dev/job={name}")))
-            .await?;
-        for p in pods {
-            if let (Some(pod), Some(node)) = (p.metadata.name, p.spec.and_then(|s| s.node_name)) {
-                self.0.insert(pod, node);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The job's token, for talking to its driver as the operator does.

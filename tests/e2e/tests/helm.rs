@@ -7,6 +7,7 @@
 //! The cluster-free checks (lint, rendered objects, drift, Argo CD health) are
 //! `tests/helm/check`. Run these with `tests/cluster/e2e --workspace --test helm`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -19,7 +20,9 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use kiln_e2e::{TestNamespace, client, kubectl, node_capacity_types, repo, serial, wait_for};
+use kiln_e2e::{
+    PodWatch, TestNamespace, client, kubectl, node_capacity_types, repo, serial, wait_for,
+};
 
 const CHART: &str = "charts/kiln";
 const CRD: &str = "charts/kiln/crds/computejob.yaml";
@@ -185,6 +188,51 @@ async fn operator_logs(client: &Client, namespace: &str) -> String {
         .join("\n")
 }
 
+/// Checks every version seen of a job's pods: the chart's job image run through the image's
+/// entrypoint, no API token, executors on spot nodes. Returns the roles seen bound to a node.
+fn check_job_pods(
+    pods: &[Pod],
+    image: &Image,
+    capacities: &BTreeMap<String, String>,
+) -> Result<BTreeSet<String>> {
+    let mut bound = BTreeSet::new();
+    for p in pods {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let role = p
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kiln.dev/role"))
+            .cloned()
+            .unwrap_or_default();
+        let spec = p.spec.clone().unwrap_or_default();
+        let Some(c) = spec.containers.first() else {
+            continue;
+        };
+        ensure!(
+            c.image.as_deref() == Some(TEST_IMAGE),
+            "{name}: image {:?}, want the chart's default job image",
+            c.image
+        );
+        check_entrypoint(&name, c, image, &role)?;
+        ensure!(
+            spec.automount_service_account_token == Some(false),
+            "{name}: job pods need no API access, yet get a token"
+        );
+        let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        if role == "executor" {
+            ensure!(
+                capacities.get(&node).map(String::as_str) == Some("spot"),
+                "{name} runs on {node}: the chart's spot placement did not reach the operator"
+            );
+        }
+        bound.insert(role);
+    }
+    Ok(bound)
+}
+
 fn computejob_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("kiln.dev", "v1alpha1", "ComputeJob");
     Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&gvk))
@@ -324,23 +372,32 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
     let result = async {
         // Two operator pods, as the chart defines them, on on-demand nodes.
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        let operators = wait_for("two running operator pods", Duration::from_secs(60), || async {
-            let list = pods
-                .list(&ListParams::default().labels(&format!(
-                    "app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
-                )))
-                .await?;
-            let running: Vec<Pod> = list
-                .items
-                .into_iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .collect();
-            Ok((running.len() == 2).then_some(running))
-        })
+        let operators = wait_for(
+            "two running operator pods",
+            Duration::from_secs(60),
+            || async {
+                let list = pods
+                    .list(&ListParams::default().labels(&format!(
+                        "app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
+                    )))
+                    .await?;
+                let running: Vec<Pod> = list
+                    .items
+                    .into_iter()
+                    .filter(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .collect();
+                Ok((running.len() == 2).then_some(running))
+            },
+        )
         .await;
         let operators = match operators {
             Ok(pods) => pods,
-            Err(e) => bail!("{e:#}\noperator logs:\n{}", operator_logs(&client, ns).await),
+            Err(e) => bail!(
+                "{e:#}\noperator logs:\n{}",
+                operator_logs(&client, ns).await
+            ),
         };
         let capacities = node_capacity_types(&client).await?;
         let mut names = Vec::new();
@@ -353,7 +410,11 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
                 spec.service_account_name
             );
             let c = &spec.containers[0];
-            ensure!(c.image.as_deref() == Some(TEST_IMAGE), "{name}: image {:?}", c.image);
+            ensure!(
+                c.image.as_deref() == Some(TEST_IMAGE),
+                "{name}: image {:?}",
+                c.image
+            );
             check_entrypoint(&name, c, &image, "operator")?;
             let node = spec.node_name.clone().unwrap_or_default();
             ensure!(
@@ -382,7 +443,10 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
             Ok(h) => h,
             Err(e) => bail!("{e:#}\n{}", operator_logs(&client, ns).await),
         };
-        ensure!(names.contains(&holder), "lease holder {holder} is none of {names:?}");
+        ensure!(
+            names.contains(&holder),
+            "lease holder {holder} is none of {names:?}"
+        );
 
         // A ComputeJob in another namespace runs to Succeeded. Job pods run on this host,
         // so the inputs are this checkout's example files.
@@ -407,50 +471,14 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
                      WHERE o.status <> 'returned' GROUP BY c.country"}],
             },
         });
+        // Every version of the job's pods, even of those that live less than a poll.
+        let watch = PodWatch::start(&client, &jobs_ns.name, "kiln.dev/job=helm-tsv-join").await?;
         kubectl_stdin(&["apply", "-f", "-"], &job.to_string()).await?;
         let jobs = computejob_api(&client, &jobs_ns.name);
-        let job_pods: Api<Pod> = Api::namespaced(client.clone(), &jobs_ns.name);
-        let mut checked_roles: Vec<String> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(180);
         let (phase, status) = loop {
-            // Check the pods the operator built while they exist; a mismatch fails at once.
-            let list = job_pods
-                .list(&ListParams::default().labels("kiln.dev/job=helm-tsv-join"))
-                .await?;
-            for p in list {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let role = p
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kiln.dev/role"))
-                    .cloned()
-                    .unwrap_or_default();
-                let spec = p.spec.clone().unwrap_or_default();
-                let Some(c) = spec.containers.first() else {
-                    continue;
-                };
-                ensure!(
-                    c.image.as_deref() == Some(TEST_IMAGE),
-                    "{name}: image {:?}, want the chart's default job image",
-                    c.image
-                );
-                check_entrypoint(&name, c, &image, &role)?;
-                ensure!(
-                    spec.automount_service_account_token == Some(false),
-                    "{name}: job pods need no API access, yet get a token"
-                );
-                let node = spec.node_name.clone().unwrap_or_default();
-                if role == "executor" && !node.is_empty() {
-                    ensure!(
-                        capacities.get(&node).map(String::as_str) == Some("spot"),
-                        "{name} runs on {node}: the chart's spot placement did not reach the operator"
-                    );
-                }
-                if !checked_roles.contains(&role) {
-                    checked_roles.push(role);
-                }
-            }
+            // Check the pods the operator built while the job runs; a mismatch fails at once.
+            check_job_pods(&watch.seen(), &image, &capacities)?;
             let obj = jobs.get("helm-tsv-join").await?;
             let status = obj.data["status"].clone();
             let phase = status["phase"].as_str().unwrap_or_default().to_owned();
@@ -470,14 +498,15 @@ async fn helm_release_runs_a_job_and_uninstall_leaves_only_the_crd() -> Result<(
             "the job {phase}: {status:#}\noperator logs:\n{}",
             operator_logs(&client, ns).await
         );
-        checked_roles.sort();
+        let roles = check_job_pods(&watch.seen(), &image, &capacities)?;
         ensure!(
-            checked_roles == ["driver", "executor"],
-            "saw job pods of roles {checked_roles:?}"
+            roles.iter().map(String::as_str).eq(["driver", "executor"]),
+            "saw job pods of roles {roles:?} bound to nodes"
         );
 
         // Delete the job while the operator runs (it may hold a finalizer).
-        jobs.delete("helm-tsv-join", &DeleteParams::default()).await?;
+        jobs.delete("helm-tsv-join", &DeleteParams::default())
+            .await?;
         wait_for("the ComputeJob gone", Duration::from_secs(60), || async {
             Ok(jobs.get_opt("helm-tsv-join").await?.is_none().then_some(()))
         })

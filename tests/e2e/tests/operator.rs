@@ -4,6 +4,7 @@
 //! every executor on a spot node, a spot node killed mid-shuffle, the operator restarted
 //! mid-job, and bad specs refused or failed without disturbing good jobs.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -14,12 +15,12 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use kiln_e2e::operator::{
-    Operator, Placements, apply_crds, create_job, csv_rows, driver_progress, job, run_locally,
-    scratch, token, tpch, wait_finished,
+    Operator, apply_crds, create_job, csv_rows, driver_progress, job, run_locally, scratch, token,
+    tpch, wait_finished,
 };
 use kiln_e2e::{
-    TestNamespace, agent_control, client, kubectl, node_capacity_types, node_ready, repo, serial,
-    wait_for,
+    PodWatch, TestNamespace, agent_control, client, kubectl, node_capacity_types, node_ready, repo,
+    serial, wait_for,
 };
 
 /// The operator's configuration in these tests: progress read every second, a short
@@ -105,20 +106,20 @@ fn dir(path: &std::path::Path) -> String {
 }
 
 /// Checks the driver ran on an on-demand node and every executor on a spot node.
-async fn check_placement(client: &Client, placements: &Placements) -> Result<()> {
+async fn check_placement(client: &Client, placements: &BTreeMap<String, String>) -> Result<()> {
     let capacities = node_capacity_types(client).await?;
     let capacity = |node: &str| capacities.get(node).cloned().unwrap_or_default();
     ensure!(
-        placements.0.keys().any(|p| p.ends_with("-driver")),
+        placements.keys().any(|p| p.ends_with("-driver")),
         "no driver pod seen: {:?}",
-        placements.0
+        placements
     );
     ensure!(
-        placements.0.keys().any(|p| p.contains("-exec-")),
+        placements.keys().any(|p| p.contains("-exec-")),
         "no executor pod seen: {:?}",
-        placements.0
+        placements
     );
-    for (pod, node) in &placements.0 {
+    for (pod, node) in placements {
         let want = if pod.ends_with("-driver") {
             "on-demand"
         } else {
@@ -133,18 +134,11 @@ async fn check_placement(client: &Client, placements: &Placements) -> Result<()>
     Ok(())
 }
 
-/// Waits for job `name` to finish, recording where its pods ran meanwhile.
-async fn run_to_end(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    want: JobPhase,
-    placements: &mut Placements,
-) -> Result<ComputeJob> {
+/// Waits for job `name` to finish.
+async fn run_to_end(client: &Client, ns: &str, name: &str, want: JobPhase) -> Result<ComputeJob> {
     let api = Api::<ComputeJob>::namespaced(client.clone(), ns);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        placements.record(client, ns, name).await?;
         let j = api.get(name).await?;
         if j.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
             return wait_finished(client, ns, name, want, Duration::from_secs(1)).await;
@@ -170,17 +164,15 @@ async fn wordcount_and_tpch_succeed_with_the_local_output_on_the_right_nodes() -
 
     let wc_spec = wordcount(&dir(&work.join("wc")));
     let q3_spec = q3(&data, &dir(&work.join("q3")), 8);
+    // Record where every pod of both jobs runs.
+    let wc_watch = PodWatch::start(&client, &ns.name, "kiln.dev/job=wc").await?;
+    let q3_watch = PodWatch::start(&client, &ns.name, "kiln.dev/job=q3").await?;
     create_job(&client, &ns.name, &job("wc", &wc_spec)?).await?;
     create_job(&client, &ns.name, &job("q3", &q3_spec)?).await?;
 
-    // Record where every pod runs while both jobs run.
-    let mut wc_pods = Placements::default();
-    let mut q3_pods = Placements::default();
     let api = Api::<ComputeJob>::namespaced(client.clone(), &ns.name);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        wc_pods.record(&client, &ns.name, "wc").await?;
-        q3_pods.record(&client, &ns.name, "q3").await?;
         let mut finished = 0;
         for name in ["wc", "q3"] {
             let j = api.get(name).await?;
@@ -266,9 +258,10 @@ async fn wordcount_and_tpch_succeed_with_the_local_output_on_the_right_nodes() -
 
     // Placement: the driver pod is still there (it keeps its logs); the executors were seen
     // while they ran.
+    let (wc_pods, q3_pods) = (wc_watch.placements(), q3_watch.placements());
     check_placement(&client, &wc_pods).await?;
     check_placement(&client, &q3_pods).await?;
-    ensure!(q3_pods.0.keys().filter(|p| p.contains("-exec-")).count() == 2);
+    ensure!(q3_pods.keys().filter(|p| p.contains("-exec-")).count() == 2);
     // (`kubectl get cj` would list CronJobs: the built-in short name wins.)
     let table = kubectl(&["get", "computejobs", "-n", &ns.name]).await?;
     ensure!(
@@ -295,6 +288,7 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
         serde_json::from_value(json!({"name": "RUST_LOG", "value": "info,kiln_executor=debug"}))?;
     chaos.spec.driver.template.env.push(debug.clone());
     chaos.spec.executors.template.env.push(debug);
+    let watch = PodWatch::start(&client, &ns.name, "kiln.dev/job=chaos").await?;
     create_job(&client, &ns.name, &chaos).await?;
 
     // Wait until the cached steps and a few iterations are done, then kill the spot node of
@@ -323,8 +317,7 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     agent_control("POST", &format!("/nodes/{victim}/kill")).await?;
 
     let outcome = async {
-        let mut placements = Placements::default();
-        let done = run_to_end(&client, &ns.name, "chaos", JobPhase::Succeeded, &mut placements)
+        let done = run_to_end(&client, &ns.name, "chaos", JobPhase::Succeeded)
             .await
             .with_context(|| op.logs())?;
         let s = done.status.clone().unwrap_or_default();
@@ -352,9 +345,9 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
         ensure!(s.recovery.last_loss.as_deref() == Some("chaos-exec-0") || s.recovery.last_loss.is_some());
         // Every executor, replacements included, ran on a spot node, and no replacement
         // went to the dead node while the scheduler still thought it Ready.
+        let placements = watch.placements();
         check_placement(&client, &placements).await?;
         let on_dead: Vec<_> = placements
-            .0
             .iter()
             .filter(|(pod, node)| **node == victim && pod.as_str() != "chaos-exec-0")
             .collect();
