@@ -15,6 +15,13 @@ pub enum LossReason {
 }
 
 impl LossReason {
+    /// Every reason.
+    pub const ALL: [LossReason; 3] = [
+        LossReason::Preempted,
+        LossReason::Failed,
+        LossReason::HeartbeatTimeout,
+    ];
+
     /// Its name in summaries, status, metrics and RPCs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,13 +33,7 @@ impl LossReason {
 
     /// The reason named `name` in an RPC, if it is one.
     pub fn parse(name: &str) -> Option<Self> {
-        [
-            LossReason::Preempted,
-            LossReason::Failed,
-            LossReason::HeartbeatTimeout,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == name)
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 
@@ -42,11 +43,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_names_are_none() {
-        for r in [
-            LossReason::Preempted,
-            LossReason::Failed,
-            LossReason::HeartbeatTimeout,
-        ] {
+        for r in LossReason::ALL {
             assert_eq!(LossReason::parse(r.as_str()), Some(r));
         }
         assert_eq!(LossReason::parse("preempted"), None);

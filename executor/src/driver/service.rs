@@ -588,7 +588,10 @@ impl rpc::driver_server::Driver for DriverService {
             .unwrap()
             .sched
             .is_live(&req.executor_id);
-        let reason = LossReason::parse(&req.reason).unwrap_or(LossReason::Failed);
+        let reason = LossReason::parse(&req.reason).unwrap_or_else(|| {
+            tracing::warn!(executor = %req.executor_id, reason = %req.reason, "unknown loss reason, taken as Failed");
+            LossReason::Failed
+        });
         // When the caller saw the executor go, if it says (wall clock, milliseconds).
         let occurred = (req.occurred_unix_ms > 0)
             .then(|| {

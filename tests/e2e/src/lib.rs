@@ -50,9 +50,12 @@ pub async fn client() -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// The repository root.
+/// The repository root: from the package directory `cargo test` runs the tests in, so a test
+/// binary built in a target directory that several checkouts share uses its own checkout.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    package.join("../..")
 }
 
 /// Runs the cluster's kubectl (tests/cluster/kubectl) and returns its stdout.

@@ -148,11 +148,6 @@ impl Agent {
             .spec
             .and_then(|s| s.cluster_ip)
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-        if cluster_ip.is_none() {
-            warn!(
-                "the `kubernetes` Service has no IPv4 cluster IP: pods get no API server address"
-            );
-        }
         if let Some(ip) = cluster_ip {
             net::add_address(&cfg.bridge, ip).await?;
             let _ = self
@@ -160,6 +155,10 @@ impl Agent {
                 .api
                 .set(SocketAddrV4::new(ip, self.shared.api_port));
             info!(address = %SocketAddrV4::new(ip, self.shared.api_port), "pods reach the API server");
+        } else {
+            warn!(
+                "the `kubernetes` Service has no IPv4 cluster IP: pods get no API server address"
+            );
         }
         for n in self.nodes.values() {
             let uid = node::register(&self.shared.client, &n.cfg, &n.net).await?;
