@@ -243,7 +243,7 @@ impl From<DriverReport> for JobResult {
     fn from(r: DriverReport) -> Self {
         JobResult {
             succeeded: r.succeeded,
-            reason: r.reason,
+            reason: r.reason.map(|r| r.as_str().to_string()),
             message: r.message,
             elapsed_ms: r.elapsed_ms,
             stages: r.stages,

@@ -25,13 +25,14 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short, stable category for metrics labels and event reasons.
-    pub fn category(&self) -> &'static str {
+    /// Why a job with this error fails: every error of this crate is a bad job file or spec.
+    pub fn reason(&self) -> crate::FailureReason {
         match self {
-            Error::ReadJobFile { .. } => "ReadJobFile",
-            Error::ParseJob { .. } | Error::WrongKind { .. } => "ParseJob",
-            Error::Invalid(_) => "InvalidSpec",
-            Error::Quantity { .. } => "InvalidQuantity",
+            Error::ReadJobFile { .. }
+            | Error::ParseJob { .. }
+            | Error::WrongKind { .. }
+            | Error::Invalid(_)
+            | Error::Quantity { .. } => crate::FailureReason::InvalidSpec,
         }
     }
 }

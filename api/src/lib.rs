@@ -1,9 +1,13 @@
 //! Kiln's shared types: the job spec that a ComputeJob carries and the engine runs, resource
-//! quantities, validation and the loader that accepts a bare spec or a whole manifest.
+//! quantities, validation and the loader that accepts a bare spec or a whole manifest, and the
+//! contracts between processes: why a job failed ([`FailureReason`]), what a driver reports
+//! ([`DriverReport`]) and how the driver and executor processes are started ([`launch`]).
 #![forbid(unsafe_code)]
 
 pub mod crd;
 mod error;
+mod failure;
+pub mod launch;
 mod load;
 mod loss;
 mod quantity;
@@ -20,6 +24,7 @@ pub mod rpc {
 
 pub use crd::{ComputeJob, ComputeJobStatus, JobPhase};
 pub use error::{Error, Result};
+pub use failure::FailureReason;
 pub use load::{load_job, parse_job};
 pub use loss::LossReason;
 pub use quantity::{parse_cpu, parse_memory};

@@ -3,7 +3,9 @@
 //! status; `kiln run` and the driver's `--summary` file carry the full summary instead.
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::FailureReason;
 
 /// Kubernetes truncates termination messages beyond this many bytes.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
@@ -14,10 +16,15 @@ pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
 pub struct DriverReport {
     /// Whether the job succeeded.
     pub succeeded: bool,
-    /// Why it failed: a PascalCase reason (`InvalidSpec`, `Planning`, `Data`,
-    /// `ExecutorLossBudget`, `TaskAttempts`, `StageAttempts`, `Output`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    /// Why it failed, as its PascalCase name ([`FailureReason::as_str`]). A name this version
+    /// does not know (a driver of another Kiln version) reads as
+    /// [`FailureReason::Internal`], so the rest of the report still counts.
+    #[serde(
+        default,
+        deserialize_with = "reason_or_internal",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reason: Option<FailureReason>,
     /// The error, for people (truncated to fit the termination message).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -41,6 +48,12 @@ pub struct DriverReport {
     /// Where the output went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_uri: Option<String>,
+}
+
+/// Reads a failure reason, taking a name this version does not know for `Internal`.
+fn reason_or_internal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<FailureReason>, D::Error> {
+    let name = Option::<String>::deserialize(d)?;
+    Ok(name.map(|n| FailureReason::parse(&n).unwrap_or(FailureReason::Internal)))
 }
 
 impl DriverReport {
@@ -75,14 +88,49 @@ mod tests {
     #[test]
     fn long_messages_are_cut_to_fit() {
         let report = DriverReport {
-            reason: Some("Data".into()),
+            reason: Some(FailureReason::TaskDataError),
             message: Some("é".repeat(5000)),
             ..Default::default()
         };
         let json = report.to_termination_message();
         assert!(json.len() <= TERMINATION_MESSAGE_LIMIT, "{}", json.len());
+        assert!(json.contains(r#""reason":"TaskDataError""#), "{json}");
         let back: DriverReport = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.reason.as_deref(), Some("Data"));
+        assert_eq!(back.reason, Some(FailureReason::TaskDataError));
         assert!(back.message.unwrap().ends_with('…'));
+    }
+
+    #[test]
+    fn reasons_travel_by_name_and_unknown_names_read_as_internal() {
+        for r in FailureReason::ALL {
+            let report = DriverReport {
+                reason: Some(r),
+                ..Default::default()
+            };
+            let json = report.to_termination_message();
+            assert!(
+                json.contains(&format!(r#""reason":"{}""#, r.as_str())),
+                "{json}"
+            );
+            assert_eq!(serde_json::from_str::<DriverReport>(&json).unwrap(), report);
+        }
+        let ok = DriverReport {
+            succeeded: true,
+            ..Default::default()
+        };
+        let json = ok.to_termination_message();
+        assert!(!json.contains("reason"), "{json}");
+        assert_eq!(serde_json::from_str::<DriverReport>(&json).unwrap(), ok);
+        let old = r#"{"succeeded":false,"reason":"Planning","message":"no table","elapsedMs":1,"stages":0,"tasks":0,"attempts":0,"partitionsRecomputed":0,"rows":0,"files":0}"#;
+        let back: DriverReport = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (back.reason, back.message.as_deref()),
+            (Some(FailureReason::Internal), Some("no table"))
+        );
+        let null = r#"{"succeeded":false,"reason":null,"elapsedMs":1,"stages":0,"tasks":0,"attempts":0,"partitionsRecomputed":0,"rows":0,"files":0}"#;
+        assert_eq!(
+            serde_json::from_str::<DriverReport>(null).unwrap().reason,
+            None
+        );
     }
 }

@@ -99,6 +99,12 @@ pub struct JobSpec {
     /// (printed by `kiln run`, summarised in the driver's status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputSpec>,
+    /// Without `output`: the most the result brought back to the driver may hold (bytes, or
+    /// a quantity such as `64Mi`). A larger result fails the job with `ResultTooLarge`
+    /// instead of exhausting the driver's memory; write it to an `output` instead.
+    #[serde(default = "default_max_result_bytes")]
+    #[schemars(regex(pattern = MEMORY_PATTERN))]
+    pub max_result_bytes: String,
     /// Retry and loss budgets.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
@@ -404,11 +410,14 @@ pub struct OutputSpec {
     #[schemars(length(max = 128))]
     pub from: Option<String>,
     /// A directory: local path, `file://`, or `s3://bucket/prefix/`. Each result partition
-    /// becomes one `part-NNNNN.<format>` file, and `_SUCCESS` marks a complete write.
+    /// becomes one `part-NNNNN.<format>` file, and `_SUCCESS` marks a complete write (the
+    /// files appear only at the job's commit; attempts stage theirs under `_temporary/`).
     pub uri: String,
     /// File format: `parquet`, `csv` or `json`.
     pub format: OutputFormat,
-    /// `Overwrite` (default) or `ErrorIfExists`.
+    /// `Overwrite` (default: the previous output is replaced at the job's commit, never
+    /// before) or `ErrorIfExists` (another job's output there fails the job before any work;
+    /// a restarted driver of the same job keeps the output it committed).
     #[serde(default)]
     pub mode: WriteMode,
 }
@@ -457,6 +466,7 @@ impl Default for JobSpec {
             inputs: Vec::new(),
             steps: Vec::new(),
             output: None,
+            max_result_bytes: default_max_result_bytes(),
             failure_policy: FailurePolicy::default(),
             suspend: false,
             ttl_seconds_after_finished: None,
@@ -507,6 +517,9 @@ fn default_shuffle_partitions() -> u32 {
 }
 fn default_broadcast_threshold() -> String {
     "10Mi".into()
+}
+fn default_max_result_bytes() -> String {
+    "64Mi".into()
 }
 fn default_cpu() -> String {
     "1".into()

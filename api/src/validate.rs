@@ -73,6 +73,11 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
     if let Err(e) = parse_memory(&spec.broadcast_join_threshold) {
         err("broadcastJoinThreshold".into(), e.to_string());
     }
+    match parse_memory(&spec.max_result_bytes) {
+        Ok(0) => err("maxResultBytes".into(), "must be above zero".into()),
+        Ok(_) => {}
+        Err(e) => err("maxResultBytes".into(), e.to_string()),
+    }
     if spec.shuffle_partitions == 0 || spec.shuffle_partitions > 100_000 {
         err(
             "shufflePartitions".into(),

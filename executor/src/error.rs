@@ -1,5 +1,6 @@
 //! The engine's error type: one enum, variants named after the action that failed.
 use datafusion::error::DataFusionError;
+use kiln_api::FailureReason;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,11 @@ pub enum Error {
         uri: String,
         source: object_store::Error,
     },
+    /// A job without `output` returned more than `maxResultBytes`.
+    #[error(
+        "the result of step `{step}` is larger than maxResultBytes ({limit} bytes): write it to an `output` instead"
+    )]
+    ResultTooLarge { step: String, limit: u64 },
     /// The job failed; the reason says why (a task's error, a spent budget).
     #[error("job failed: {failure}")]
     JobFailed {
@@ -133,34 +139,35 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short, stable category for metric labels and event reasons.
-    pub fn category(&self) -> &'static str {
+    /// Why a job that ends with this error failed, as the driver reports it and the
+    /// ComputeJob's status, Events and metrics name it.
+    pub fn reason(&self) -> FailureReason {
         match self {
-            Error::Spec(e) => e.category(),
-            Error::RegisterInput { .. } => "RegisterInput",
-            Error::InvalidUri { .. } => "InvalidUri",
-            Error::ObjectStore { .. } => "ObjectStore",
-            Error::PlanStep { .. } => "PlanStep",
-            Error::FetchFailed { .. } => "FetchFailed",
-            Error::BlockNotFound(_) => "BlockNotFound",
-            Error::SpillIo { .. } => "SpillIo",
-            Error::Flight(_) => "Flight",
-            Error::Cancelled(_) => "Cancelled",
-            Error::Arrow(_) => "Arrow",
-            Error::CodecPlan { .. } => "CodecPlan",
-            Error::Execute(_) => "Execute",
-            Error::Rpc { .. } => "Rpc",
-            Error::Connect { .. } => "Connect",
-            Error::Bind { .. } => "Bind",
-            Error::Serve { .. } => "Serve",
-            Error::ExecutorProcess { .. } => "ExecutorProcess",
-            Error::Chaos { .. } => "Chaos",
-            Error::Until { .. } => "Until",
-            Error::OutputExists { .. } => "OutputExists",
-            Error::WriteOutput { .. } => "WriteOutput",
-            Error::JobFailed { failure } => failure.category(),
-            Error::Driver(_) => "Driver",
-            Error::Io { .. } => "Io",
+            Error::Spec(e) => e.reason(),
+            Error::RegisterInput { .. } | Error::InvalidUri { .. } | Error::ObjectStore { .. } => {
+                FailureReason::InvalidInput
+            }
+            Error::PlanStep { .. } | Error::Until { .. } => FailureReason::InvalidSql,
+            Error::OutputExists { .. } => FailureReason::OutputExists,
+            Error::WriteOutput { .. } => FailureReason::OutputWriteFailed,
+            Error::ResultTooLarge { .. } => FailureReason::ResultTooLarge,
+            Error::JobFailed { failure } => failure.reason(),
+            Error::FetchFailed { .. }
+            | Error::BlockNotFound(_)
+            | Error::SpillIo { .. }
+            | Error::Arrow(_)
+            | Error::Flight(_)
+            | Error::Cancelled(_)
+            | Error::CodecPlan { .. }
+            | Error::Execute(_)
+            | Error::Rpc { .. }
+            | Error::Connect { .. }
+            | Error::Bind { .. }
+            | Error::Serve { .. }
+            | Error::ExecutorProcess { .. }
+            | Error::Chaos { .. }
+            | Error::Driver(_)
+            | Error::Io { .. } => FailureReason::Internal,
         }
     }
 
@@ -248,5 +255,31 @@ mod tests {
             Some(Error::BlockNotFound(_))
         ));
         assert!(find_kiln_error(&DataFusionError::Plan("x".into())).is_none());
+    }
+
+    #[test]
+    fn errors_name_why_the_job_failed() {
+        let spec = Error::Spec(kiln_api::Error::WrongKind { kind: "Pod".into() });
+        let sql = Error::PlanStep {
+            step: "counts".into(),
+            source: DataFusionError::Plan("no such table".into()),
+        };
+        let uri = Error::InvalidUri {
+            uri: "ftp://x".into(),
+            reason: "unknown scheme".into(),
+        };
+        let exists = Error::OutputExists {
+            uri: "/out/".into(),
+        };
+        let internal = Error::Driver("gone".into());
+        for (e, reason) in [
+            (spec, FailureReason::InvalidSpec),
+            (sql, FailureReason::InvalidSql),
+            (uri, FailureReason::InvalidInput),
+            (exists, FailureReason::OutputExists),
+            (internal, FailureReason::Internal),
+        ] {
+            assert_eq!(e.reason(), reason, "{e}");
+        }
     }
 }

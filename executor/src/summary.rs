@@ -163,12 +163,12 @@ pub struct JobSummary {
 }
 
 impl JobSummary {
-    /// The short report a driver pod leaves as its termination message; `reason` is the
-    /// failure's category.
-    pub fn report(&self, reason: Option<&str>) -> kiln_api::DriverReport {
+    /// The short report a driver pod leaves as its termination message; `reason` is why the
+    /// job failed.
+    pub fn report(&self, reason: Option<kiln_api::FailureReason>) -> kiln_api::DriverReport {
         kiln_api::DriverReport {
             succeeded: self.succeeded,
-            reason: reason.map(str::to_string),
+            reason,
             message: self.error.clone(),
             elapsed_ms: self.elapsed_ms,
             stages: self.stages.len() as u64,

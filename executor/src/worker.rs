@@ -1,7 +1,15 @@
 //! The executor process: serves its block store over Flight, registers with the driver, and
 //! runs the tasks it is given (up to its slots at once), reporting each outcome.
+//!
+//! Nothing said on the wire is assumed to arrive. Every call has a deadline; a report is
+//! sent again, with backoff and jitter, until the driver acknowledges it; each poll lists
+//! the attempts this executor holds, so the driver reschedules one whose assignment or
+//! report was lost; and an executor that cannot reach its driver for longer than the
+//! heartbeat timeout exits instead of waiting forever.
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -19,14 +27,88 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::blocks::BlockStore;
 use crate::error::find_kiln_error;
-use crate::plan::{KilnCodec, SinkExec};
+use crate::plan::{KilnCodec, SinkExec, StagedAttempt};
 use crate::rpc::{self, FailureKind, driver_client::DriverClient, task_report::Outcome};
 use crate::session::{OPERATOR_MEMORY_FRACTION, executor_context};
 use crate::shuffle::{BlockFlightService, PeerClients, ShuffleEnv, read_write_stats};
 use crate::{Error, Result};
 
-/// How long an executor keeps trying to reach its driver before it gives up.
+/// How long a starting executor keeps trying to reach its driver before it gives up (the
+/// driver pod may still be starting).
 const DRIVER_PATIENCE: Duration = Duration::from_secs(30);
+/// The deadline of a registration or a report.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
+/// The deadline of a poll: the driver holds a poll for at most about a second.
+const POLL_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Faults to inject, for tests of the paths that recover from lost messages.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Report sends to drop on the wire (each is sent again).
+    drop_reports: AtomicU32,
+    /// Reports to lose outright: the executor forgets the attempt as if its report had been
+    /// acknowledged, and only the driver's reconciliation can notice.
+    lose_reports: AtomicU32,
+}
+
+impl Faults {
+    /// Reads `drop-report=N,lose-report=N` (either, both, or empty for none).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let faults = Faults::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let bad = |reason: &str| Error::Driver(format!("--faults `{item}`: {reason}"));
+            let (name, n) = item
+                .split_once('=')
+                .ok_or_else(|| bad("expected NAME=COUNT"))?;
+            let n: u32 = n.parse().map_err(|_| bad("the count is not a number"))?;
+            match name {
+                "drop-report" => faults.drop_reports.store(n, Ordering::Relaxed),
+                "lose-report" => faults.lose_reports.store(n, Ordering::Relaxed),
+                _ => return Err(bad("known faults are drop-report and lose-report")),
+            }
+        }
+        Ok(faults)
+    }
+
+    fn take(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// An attempt: `(stage, partition, attempt)`.
+type AttemptKey = (u32, u32, u32);
+
+/// What a task needs to run and report.
+struct TaskEnv {
+    ctx: Arc<SessionContext>,
+    client: DriverClient<Channel>,
+    executor_id: String,
+    token: String,
+    /// The driver run: output attempts stage under it.
+    run_id: String,
+    /// Attempts this executor holds: running, or reported and not yet acknowledged.
+    held: Mutex<BTreeSet<AttemptKey>>,
+    faults: Faults,
+    /// How long a report is retried before the driver is taken to be gone.
+    patience: Duration,
+}
+
+/// A request with a deadline.
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// A pause of `base` plus up to half of it again, so executors retrying together spread out.
+fn jittered(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
 
 /// Executor settings.
 #[derive(Clone, Debug)]
@@ -47,6 +129,8 @@ pub struct ExecutorOptions {
     pub work_dir: PathBuf,
     /// The per-job secret.
     pub token: String,
+    /// Faults to inject, for tests (`drop-report=N,lose-report=N`; empty: none).
+    pub faults: String,
 }
 
 async fn connect(driver: &str) -> Result<Channel> {
@@ -90,17 +174,21 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     let advertise = opts.advertise_host.as_deref().unwrap_or(&opts.bind_host);
     let flight_address = format!("{advertise}:{port}");
 
+    let faults = Faults::parse(&opts.faults)?;
     let mut client = DriverClient::new(connect(&opts.driver).await?)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let registered = client
-        .register(rpc::RegisterRequest {
-            executor_id: opts.executor_id.clone(),
-            flight_address: flight_address.clone(),
-            slots: opts.slots.unwrap_or(0),
-            memory_bytes: opts.memory.unwrap_or(0),
-            token: opts.token.clone(),
-        })
+        .register(with_deadline(
+            rpc::RegisterRequest {
+                executor_id: opts.executor_id.clone(),
+                flight_address: flight_address.clone(),
+                slots: opts.slots.unwrap_or(0),
+                memory_bytes: opts.memory.unwrap_or(0),
+                token: opts.token.clone(),
+            },
+            CALL_DEADLINE,
+        ))
         .await
         .map_err(|s| Error::rpc("register", s))?
         .into_inner();
@@ -145,15 +233,28 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
         opts.work_dir.join("spill"),
         env,
     )?);
-    let result = work_loop(&opts, &mut client, ctx, &store, slots).await;
+    let patience = match registered.heartbeat_timeout_ms {
+        0 => Duration::from_secs(spec.failure_policy.heartbeat_timeout_seconds.into()),
+        ms => Duration::from_millis(ms),
+    };
+    let env = Arc::new(TaskEnv {
+        ctx,
+        client: client.clone(),
+        executor_id: opts.executor_id.clone(),
+        token: opts.token.clone(),
+        run_id: registered.job_id.clone(),
+        held: Mutex::new(BTreeSet::new()),
+        faults,
+        patience,
+    });
+    let result = work_loop(&env, &mut client, &store, slots).await;
     flight.abort();
     result
 }
 
 async fn work_loop(
-    opts: &ExecutorOptions,
+    env: &Arc<TaskEnv>,
     client: &mut DriverClient<Channel>,
-    ctx: Arc<SessionContext>,
     store: &BlockStore,
     slots: usize,
 ) -> Result<()> {
@@ -162,12 +263,27 @@ async fn work_loop(
     loop {
         while running.try_join_next().is_some() {}
         let free = slots.saturating_sub(running.len());
-        let polled = client
-            .poll_tasks(rpc::PollRequest {
-                executor_id: opts.executor_id.clone(),
-                free_slots: free as u32,
-                token: opts.token.clone(),
+        let held = env
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|&(stage_id, partition, attempt)| rpc::TaskAttempt {
+                stage_id,
+                partition,
+                attempt,
             })
+            .collect();
+        let polled = client
+            .poll_tasks(with_deadline(
+                rpc::PollRequest {
+                    executor_id: env.executor_id.clone(),
+                    free_slots: free as u32,
+                    token: env.token.clone(),
+                    held,
+                },
+                POLL_DEADLINE,
+            ))
             .await;
         let response = match polled {
             Ok(r) => {
@@ -176,10 +292,12 @@ async fn work_loop(
             }
             Err(status) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > DRIVER_PATIENCE {
+                if since.elapsed() > env.patience {
+                    tracing::error!(error = %status, silent_ms = since.elapsed().as_millis() as u64, "the driver is gone; exiting");
+                    running.shutdown().await;
                     return Err(Error::rpc("poll_tasks", status));
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(jittered(Duration::from_millis(200))).await;
                 continue;
             }
         };
@@ -194,22 +312,23 @@ async fn work_loop(
             running.shutdown().await;
             return Err(Error::Driver(format!(
                 "the driver declared executor {} lost",
-                opts.executor_id
+                env.executor_id
             )));
         }
         for task in response.tasks {
-            let ctx = ctx.clone();
-            let mut client = client.clone();
-            let executor_id = opts.executor_id.clone();
-            let token = opts.token.clone();
+            let key = (task.stage_id, task.partition, task.attempt);
+            env.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key);
+            let env = env.clone();
             running.spawn(async move {
-                let report = run_task(&ctx, task, executor_id, token).await;
-                for _ in 0..3 {
-                    if client.report_task(report.clone()).await.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                let report = run_task(&env, task).await;
+                env.deliver(report).await;
+                env.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
             });
         }
         if running.len() >= slots {
@@ -219,14 +338,53 @@ async fn work_loop(
     }
 }
 
-async fn run_task(
-    ctx: &SessionContext,
-    task: rpc::TaskDefinition,
-    executor_id: String,
-    token: String,
-) -> rpc::TaskReport {
+impl TaskEnv {
+    /// Sends a report until the driver acknowledges it, with backoff and jitter; gives up
+    /// when the driver has been unreachable for longer than the heartbeat timeout.
+    async fn deliver(&self, report: rpc::TaskReport) {
+        let (stage, partition) = (report.stage_id, report.partition);
+        if Faults::take(&self.faults.lose_reports) {
+            tracing::warn!(stage, partition, "fault: report lost, attempt forgotten");
+            return;
+        }
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let outcome = if Faults::take(&self.faults.drop_reports) {
+                Err(tonic::Status::unavailable(
+                    "fault: report dropped on the wire",
+                ))
+            } else {
+                self.client
+                    .clone()
+                    .report_task(with_deadline(report.clone(), CALL_DEADLINE))
+                    .await
+                    .map(drop)
+            };
+            match outcome {
+                Ok(()) => return,
+                Err(status) if started.elapsed() > self.patience => {
+                    tracing::error!(stage, partition, error = %status, "report never acknowledged; the driver is gone");
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(stage, partition, error = %status, "report not acknowledged; sending it again");
+                    tokio::time::sleep(jittered(pause)).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+async fn run_task(env: &TaskEnv, task: rpc::TaskDefinition) -> rpc::TaskReport {
     let started = Instant::now();
-    let outcome = match execute(ctx, &task).await {
+    let staged = StagedAttempt {
+        run_id: env.run_id.clone(),
+        stage: task.stage_id,
+        attempt: task.attempt,
+    };
+    let outcome = match execute(&env.ctx, &task, staged).await {
         Ok(mut metrics) => {
             metrics.elapsed_ms = started.elapsed().as_millis() as u64;
             tracing::debug!(
@@ -245,21 +403,28 @@ async fn run_task(
         }
     };
     rpc::TaskReport {
-        executor_id,
+        executor_id: env.executor_id.clone(),
         stage_id: task.stage_id,
         partition: task.partition,
         attempt: task.attempt,
         outcome: Some(outcome),
-        token,
+        token: env.token.clone(),
     }
 }
 
 async fn execute(
     ctx: &SessionContext,
     task: &rpc::TaskDefinition,
+    staged: StagedAttempt,
 ) -> Result<rpc::TaskMetrics, DataFusionError> {
     let task_ctx = ctx.task_ctx();
-    let plan = physical_plan_from_bytes_with_extension_codec(&task.plan, &task_ctx, &KilnCodec)?;
+    let mut plan =
+        physical_plan_from_bytes_with_extension_codec(&task.plan, &task_ctx, &KilnCodec)?;
+    // An output task writes into its attempt's own staging directory; the driver's job
+    // commit moves the one attempt it chose into the output.
+    if let Some(sink) = plan.downcast_ref::<SinkExec>() {
+        plan = Arc::new(sink.staged(staged));
+    }
     tracing::trace!(
         stage = task.stage_id,
         partition = task.partition,

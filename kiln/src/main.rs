@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kiln_api::launch::{DriverLaunch, ExecutorLaunch};
 
 /// Spark-style batch compute on Kubernetes, in Rust.
 #[derive(Parser)]
@@ -29,9 +30,11 @@ enum Command {
     Run(run::RunArgs),
     /// Run a job's driver (what the driver pod runs): plans the job, waits for executors to
     /// register, schedules their tasks and writes the summary.
-    Driver(DriverArgs),
+    #[command(name = DriverLaunch::SUBCOMMAND)]
+    Driver(DriverLaunch),
     /// Run an executor (what executor pods run): registers with the driver and runs tasks.
-    Executor(ExecutorArgs),
+    #[command(name = ExecutorLaunch::SUBCOMMAND)]
+    Executor(ExecutorLaunch),
     /// Generate the 8 TPC-H tables as Parquet files.
     Tpch(TpchArgs),
     /// Write the ComputeJob CustomResourceDefinition (crds/computejob.yaml) generated from
@@ -39,58 +42,6 @@ enum Command {
     Crd(crd::CrdArgs),
     /// Run the Kubernetes operator: reconciles ComputeJobs into driver and executor pods.
     Operator(operator::OperatorArgs),
-}
-
-#[derive(clap::Args)]
-struct DriverArgs {
-    /// The job file (job spec or ComputeJob manifest).
-    #[arg(long)]
-    spec: PathBuf,
-    /// Address of the control service.
-    #[arg(long, default_value = "0.0.0.0:7077")]
-    bind: std::net::SocketAddr,
-    /// The per-job secret executors must present.
-    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Seconds without a heartbeat before an executor is declared lost (default: the job's
-    /// `failurePolicy.heartbeatTimeoutSeconds`).
-    #[arg(long)]
-    heartbeat_timeout: Option<u64>,
-    /// Where to write the full JSON job summary.
-    #[arg(long)]
-    summary: Option<PathBuf>,
-    /// Where to write the short JSON report (at most 4 KiB) the operator copies into the
-    /// ComputeJob's status, e.g. `/dev/termination-log`.
-    #[arg(long, env = "KILN_TERMINATION_MESSAGE")]
-    termination_message: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
-struct ExecutorArgs {
-    /// The driver's control service, `http://host:port`.
-    #[arg(long, env = "KILN_DRIVER")]
-    driver: String,
-    /// This executor's id, unique within the job.
-    #[arg(long, env = "KILN_EXECUTOR_ID")]
-    id: String,
-    /// Address to serve blocks on.
-    #[arg(long, default_value = "0.0.0.0")]
-    host: String,
-    /// Address other executors reach this one at (default: --host).
-    #[arg(long, env = "KILN_ADVERTISE_HOST")]
-    advertise_host: Option<String>,
-    /// Concurrent tasks (default: from the job spec).
-    #[arg(long)]
-    slots: Option<u32>,
-    /// Memory budget, a quantity like 4Gi (default: executors.memory of the job).
-    #[arg(long)]
-    memory: Option<String>,
-    /// Where blocks and operators spill.
-    #[arg(long, default_value = "/tmp/kiln")]
-    work_dir: PathBuf,
-    /// The per-job secret.
-    #[arg(long, env = "KILN_TOKEN", hide_env_values = true, default_value = "")]
-    token: String,
 }
 
 #[derive(clap::Args)]
@@ -164,21 +115,24 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
+async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
+    // The operator reads why from the termination message, also when the job never starts.
+    let report_early = |reason: kiln_api::FailureReason, message: String| {
+        let report = kiln_api::DriverReport {
+            reason: Some(reason),
+            message: Some(message),
+            ..Default::default()
+        };
+        write_report(args.termination_message.as_deref(), &report)
+    };
     let spec = match kiln_api::load_job(&args.spec) {
         Ok(spec) => spec,
         Err(e) => {
-            // The operator reads why from the termination message.
-            let report = kiln_api::DriverReport {
-                reason: Some(e.category().to_string()),
-                message: Some(e.to_string()),
-                ..Default::default()
-            };
-            write_report(args.termination_message.as_deref(), &report)?;
+            report_early(e.reason(), e.to_string())?;
             return Err(e.into());
         }
     };
-    let driver = kiln_executor::driver::Driver::start(
+    let started = kiln_executor::driver::Driver::start(
         &spec,
         kiln_executor::driver::DriverOptions {
             bind: args.bind,
@@ -187,9 +141,17 @@ async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
                 args.heartbeat_timeout
                     .unwrap_or(spec.failure_policy.heartbeat_timeout_seconds.into()),
             ),
+            job_uid: args.job_uid,
         },
     )
-    .await?;
+    .await;
+    let driver = match started {
+        Ok(driver) => driver,
+        Err(e) => {
+            report_early(e.reason(), e.to_string())?;
+            return Err(e.into());
+        }
+    };
     tracing::info!(address = %driver.address(), "driver listening");
     let outcome = driver.run(&spec).await;
     let (summary, reason, code) = match outcome {
@@ -203,7 +165,7 @@ async fn driver(args: DriverArgs) -> anyhow::Result<std::process::ExitCode> {
             let mut s = driver.summary(&spec);
             s.error = Some(e.to_string());
             tracing::error!(error = %e, "job failed");
-            (s, Some(e.category()), std::process::ExitCode::FAILURE)
+            (s, Some(e.reason()), std::process::ExitCode::FAILURE)
         }
     };
     if let Some(path) = &args.summary {
@@ -227,7 +189,7 @@ fn write_report(
     Ok(())
 }
 
-async fn executor(args: ExecutorArgs) -> anyhow::Result<std::process::ExitCode> {
+async fn executor(args: ExecutorLaunch) -> anyhow::Result<std::process::ExitCode> {
     let memory = args
         .memory
         .as_deref()
@@ -242,6 +204,7 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<std::process::ExitCode> 
         memory,
         work_dir: args.work_dir,
         token: args.token,
+        faults: args.faults,
     })
     .await?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -8,12 +8,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServicePort, Servic
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kiln_api::ComputeJob;
 use kiln_api::crd::{LABEL_JOB, LABEL_ROLE, ROLE_DRIVER};
+use kiln_api::launch::DRIVER_PORT;
 use kube::{Resource, ResourceExt};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "kiln-operator";
-/// Port of the driver's control service.
-pub const DRIVER_PORT: u16 = 7077;
 /// Key of the job spec in the spec ConfigMap.
 pub const SPEC_KEY: &str = "job.yaml";
 /// Key of the token in the token Secret.

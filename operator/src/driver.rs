@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use kiln_api::launch::DRIVER_PORT;
 use kiln_api::rpc::driver_client::DriverClient;
 use kiln_api::rpc::{ExecutorLostRequest, JobStatusRequest, JobStatusResponse};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::children::DRIVER_PORT;
 use crate::podstate::LossReason;
 
 /// A failed call to a driver.

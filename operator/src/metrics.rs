@@ -1,10 +1,11 @@
 //! The operator's Prometheus metrics: reconciles and their duration, errors by category, jobs
-//! by phase, executor losses by reason and how long a lost executor takes to be replaced.
+//! by phase, failed jobs by reason, executor losses by reason and how long a lost executor
+//! takes to be replaced.
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kiln_api::JobPhase;
+use kiln_api::{FailureReason, JobPhase};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +27,13 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+/// Label set with why a job failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    /// [`FailureReason::as_str`].
+    pub reason: String,
+}
+
 /// Label set with a loss reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -44,6 +52,8 @@ pub struct Metrics {
     pub errors: Family<CategoryLabel, Counter>,
     /// ComputeJobs by phase.
     pub jobs: Family<PhaseLabel, Gauge>,
+    /// ComputeJobs failed, by reason.
+    pub job_failures: Family<FailureLabel, Counter>,
     /// Executor pods lost, by reason.
     pub executor_losses: Family<ReasonLabel, Counter>,
     /// Seconds from seeing an executor lost to its replacement pod being created.
@@ -61,6 +71,7 @@ impl Default for Metrics {
         ]);
         let errors = Family::<CategoryLabel, Counter>::default();
         let jobs = Family::<PhaseLabel, Gauge>::default();
+        let job_failures = Family::<FailureLabel, Counter>::default();
         let executor_losses = Family::<ReasonLabel, Counter>::default();
         let loss_to_replacement =
             Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]);
@@ -77,6 +88,11 @@ impl Default for Metrics {
         );
         registry.register("jobs", "ComputeJobs by phase", jobs.clone());
         registry.register(
+            "job_failures",
+            "ComputeJobs failed, by reason",
+            job_failures.clone(),
+        );
+        registry.register(
             "executor_losses",
             "Executor pods lost, by reason",
             executor_losses.clone(),
@@ -91,12 +107,18 @@ impl Default for Metrics {
                 phase: phase.as_str().into(),
             });
         }
+        for reason in FailureReason::ALL {
+            let _ = job_failures.get_or_create(&FailureLabel {
+                reason: reason.as_str().into(),
+            });
+        }
         Metrics {
             registry,
             reconciles,
             reconcile_duration,
             errors,
             jobs,
+            job_failures,
             executor_losses,
             loss_to_replacement,
             phases: Mutex::new(HashMap::new()),
@@ -148,6 +170,15 @@ impl Metrics {
         }
     }
 
+    /// Counts a job that failed for `reason`.
+    pub fn job_failed(&self, reason: FailureReason) {
+        self.job_failures
+            .get_or_create(&FailureLabel {
+                reason: reason.as_str().into(),
+            })
+            .inc();
+    }
+
     /// Records a loss seen at `at` in job `key`.
     pub fn executor_lost(&self, key: &str, reason: &str, at: Instant) {
         self.executor_losses
@@ -195,12 +226,15 @@ mod tests {
         m.set_phase("ns/b", None);
         m.executor_lost("ns/a", "Preempted", Instant::now());
         m.replaced("ns/a");
+        m.job_failed(FailureReason::InvalidSql);
         let text = m.encode();
         for line in [
             "kiln_operator_reconciles_total 1",
             "kiln_operator_errors_total{category=\"Apply\"} 1",
             "kiln_operator_jobs{phase=\"Running\"} 1",
             "kiln_operator_jobs{phase=\"Failed\"} 0",
+            "kiln_operator_job_failures_total{reason=\"InvalidSql\"} 1",
+            "kiln_operator_job_failures_total{reason=\"DriverFailed\"} 0",
             "kiln_operator_executor_losses_total{reason=\"Preempted\"} 1",
             "kiln_operator_loss_to_replacement_seconds_count 1",
             "kiln_operator_reconcile_duration_seconds_count 1",

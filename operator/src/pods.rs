@@ -11,18 +11,22 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kiln_api::crd::{LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
+use kiln_api::launch::{
+    DEFAULT_EXECUTOR_HOST, DRIVER_PORT, DriverLaunch, ENV_ADVERTISE_HOST, ENV_JOB_UID, ENV_TOKEN,
+    ExecutorLaunch, default_driver_bind,
+};
 use kiln_api::{ComputeJob, Placement, PodTemplate};
 use kube::ResourceExt;
 
 use crate::children::{
-    DRIVER_PORT, SPEC_KEY, TOKEN_KEY, child_meta, driver_name, executor_name, spec_config_map_name,
+    SPEC_KEY, TOKEN_KEY, child_meta, driver_name, executor_name, spec_config_map_name,
     token_secret_name,
 };
 use crate::config::OperatorConfig;
 
 /// The container command of every job pod: the `kiln` binary, which the image must have on
 /// its `PATH` (and which is its ENTRYPOINT). The subcommand (`driver`, `executor`) and flags
-/// follow as `args`.
+/// follow as `args`, written by [`DriverLaunch`] and [`ExecutorLaunch`].
 pub const ENTRYPOINT: &[&str] = &["kiln"];
 /// Where the driver finds the job spec (the spec ConfigMap is mounted there).
 pub const SPEC_DIR: &str = "/etc/kiln";
@@ -173,7 +177,7 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
 
 fn token_env(job: &str) -> EnvVar {
     EnvVar {
-        name: "KILN_TOKEN".into(),
+        name: ENV_TOKEN.into(),
         value: None,
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
@@ -309,7 +313,19 @@ fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
 pub fn driver_pod(ctx: PodContext<'_>, attempt: u32) -> Pod {
     let job = ctx.job.name_any();
     let spec = &ctx.job.spec;
-    let spec_file = format!("{SPEC_DIR}/{SPEC_KEY}");
+    let launch = DriverLaunch {
+        spec: format!("{SPEC_DIR}/{SPEC_KEY}").into(),
+        bind: default_driver_bind(),
+        // From the job's Secret: see `token_env`.
+        token: None,
+        heartbeat_timeout: None,
+        summary: None,
+        termination_message: Some(TERMINATION_MESSAGE_PATH.into()),
+        // By environment, below.
+        job_uid: None,
+    };
+    let mut env_vars = vec![token_env(&job)];
+    env_vars.extend(ctx.job.uid().map(|uid| env(ENV_JOB_UID, uid)));
     pod(
         ctx,
         Role {
@@ -319,18 +335,8 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32) -> Pod {
             template: &spec.driver.template,
             affinity: on_demand_affinity(ctx.config),
             tolerations: Vec::new(),
-            args: [
-                "driver",
-                "--spec",
-                &spec_file,
-                "--bind",
-                &format!("0.0.0.0:{DRIVER_PORT}"),
-                "--termination-message",
-                TERMINATION_MESSAGE_PATH,
-            ]
-            .map(String::from)
-            .to_vec(),
-            env: vec![token_env(&job)],
+            args: launch.command_line(),
+            env: env_vars,
             cpu: &spec.driver.cpu,
             memory_bytes: kiln_api::parse_memory(&spec.driver.memory).unwrap_or(1 << 30),
             volumes: vec![Volume {
@@ -364,22 +370,32 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
     let spec = &ctx.job.spec;
     let name = executor_name(&job, index);
     let (affinity, tolerations) = executor_placement(spec.executors.placement, ctx.config);
+    let launch = ExecutorLaunch {
+        driver: format!("http://{driver_ip}:{DRIVER_PORT}"),
+        id: name.clone(),
+        host: DEFAULT_EXECUTOR_HOST.into(),
+        // The pod's IP, known once it runs: by environment, below.
+        advertise_host: None,
+        // From the job spec.
+        slots: None,
+        memory: None,
+        work_dir: WORK_DIR.into(),
+        // From the job's Secret: see `token_env`.
+        token: String::new(),
+        faults: String::new(),
+    };
     pod(
         ctx,
         Role {
             name: ROLE_EXECUTOR,
-            pod_name: name.clone(),
+            pod_name: name,
             extra_labels: Vec::new(),
             template: &spec.executors.template,
             affinity,
             tolerations,
-            args: ["executor", "--work-dir", WORK_DIR]
-                .map(String::from)
-                .to_vec(),
+            args: launch.command_line(),
             env: vec![
-                env("KILN_DRIVER", format!("http://{driver_ip}:{DRIVER_PORT}")),
-                env("KILN_EXECUTOR_ID", name),
-                env_from_field("KILN_ADVERTISE_HOST", "status.podIP"),
+                env_from_field(ENV_ADVERTISE_HOST, "status.podIP"),
                 token_env(&job),
             ],
             cpu: &spec.executors.cpu,
@@ -478,9 +494,14 @@ mod tests {
         assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
         let c = &spec.containers[0];
         assert_eq!(c.command.as_deref().unwrap(), ["kiln"]);
+        let args = c.args.as_deref().unwrap();
+        assert_eq!(args[0], DriverLaunch::SUBCOMMAND);
+        let launch = DriverLaunch::parse_args(&args[1..]).unwrap();
+        assert_eq!(launch.spec.to_str(), Some("/etc/kiln/job.yaml"));
+        assert_eq!(launch.bind.port(), DRIVER_PORT);
         assert_eq!(
-            c.args.as_ref().unwrap()[..3],
-            ["driver", "--spec", "/etc/kiln/job.yaml"]
+            launch.termination_message.unwrap().to_str(),
+            Some(TERMINATION_MESSAGE_PATH)
         );
         assert_eq!(
             c.security_context
@@ -496,11 +517,13 @@ mod tests {
             .map(|m| m.mount_path.as_str())
             .collect();
         assert_eq!(mounts, ["/tmp", "/etc/kiln"]);
+        let uid = c.env.iter().flatten().find(|e| e.name == ENV_JOB_UID);
+        assert_eq!(uid.unwrap().value.as_deref(), Some("uid-wc"));
         let token = c
             .env
             .iter()
             .flatten()
-            .find(|e| e.name == "KILN_TOKEN")
+            .find(|e| e.name == ENV_TOKEN)
             .unwrap();
         assert_eq!(
             token
@@ -564,17 +587,28 @@ mod tests {
                 .iter()
                 .any(|t| t.key.as_deref() == Some("kiln.dev/spot"))
         );
-        let env = p.spec.as_ref().unwrap().containers[0].env.clone().unwrap();
-        let value = |n: &str| {
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let args = c.args.as_deref().unwrap();
+        assert_eq!(args[0], ExecutorLaunch::SUBCOMMAND);
+        let launch = ExecutorLaunch::parse_args(&args[1..]).unwrap();
+        assert_eq!(launch.driver, "http://10.244.1.5:7077");
+        assert_eq!(launch.id, "wc-exec-3");
+        assert_eq!(launch.work_dir.to_str(), Some(WORK_DIR));
+        let env = c.env.clone().unwrap();
+        let field = |n: &str| {
             env.iter()
                 .find(|e| e.name == n)
-                .and_then(|e| e.value.clone())
+                .and_then(|e| e.value_from.clone())
         };
         assert_eq!(
-            value("KILN_DRIVER").as_deref(),
-            Some("http://10.244.1.5:7077")
+            field(ENV_ADVERTISE_HOST)
+                .and_then(|f| f.field_ref)
+                .map(|f| f.field_path)
+                .as_deref(),
+            Some("status.podIP")
         );
-        assert_eq!(value("KILN_EXECUTOR_ID").as_deref(), Some("wc-exec-3"));
+        let token = field(ENV_TOKEN).and_then(|f| f.secret_key_ref).unwrap();
+        assert_eq!(token.name, "wc-token");
         // The spill directory exists before the executor starts: a subPath of the scratch
         // volume, which the kubelet creates.
         let mounts = p.spec.as_ref().unwrap().containers[0]

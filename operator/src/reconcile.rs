@@ -287,6 +287,11 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
             source,
         })?;
     }
+    // Counted once the Failed status is written: a retried reconcile fails the job again,
+    // a finished one never does.
+    if let Some(reason) = plan.failure {
+        ctx.metrics.job_failed(reason);
+    }
     let reference = job.object_ref(&());
     for e in &plan.events {
         let event = Event {

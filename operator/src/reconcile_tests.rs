@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Pod, PodCondition, Secret};
 use kiln_api::rpc::JobStatusResponse;
-use kiln_api::{ComputeJob, ComputeJobStatus, JobPhase};
+use kiln_api::{ComputeJob, ComputeJobStatus, FailureReason, JobPhase};
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -448,8 +448,15 @@ async fn driver_success_finishes_the_job() {
 #[tokio::test]
 async fn driver_failure_fails_the_job_with_its_reason() {
     let (j, mut pods) = running_job();
-    let report = r#"{"succeeded":false,"reason":"Data","message":"cannot read /data/corpus/: No such file or directory","elapsedMs":30,"stages":0,"tasks":0,"attempts":0,"partitionsRecomputed":0,"rows":0,"files":0}"#;
-    pods[0] = exited(pods[0].clone(), 1, Some(report), 1, 5);
+    let reason = FailureReason::InvalidInput;
+    let report = kiln_api::DriverReport {
+        reason: Some(reason),
+        message: Some("cannot read /data/corpus/: No such file or directory".into()),
+        elapsed_ms: 30,
+        ..Default::default()
+    }
+    .to_termination_message();
+    pods[0] = exited(pods[0].clone(), 1, Some(&report), 1, 5);
     let script_job = j.clone();
     let (_, _) = reconcile_with(
         &j,
@@ -463,9 +470,12 @@ async fn driver_failure_fails_the_job_with_its_reason() {
             let status = s.status(&script_job).await;
             assert_eq!(status.phase, JobPhase::Failed);
             let c = status.condition("Failed").unwrap();
-            assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Data"));
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("True", reason.as_str())
+            );
             assert!(c.message.contains("/data/corpus/"));
-            s.event("Data").await;
+            s.event(reason.as_str()).await;
             s
         },
     )
@@ -515,10 +525,10 @@ async fn a_bad_spec_is_answered_with_a_condition_not_a_retry() {
             let status = s.status(&script_job).await;
             assert_eq!(status.phase, JobPhase::Failed);
             let c = status.condition("Failed").unwrap();
-            assert_eq!(c.reason, "InvalidSpec");
+            assert_eq!(c.reason, FailureReason::InvalidSpec.as_str());
             assert!(c.message.contains("spec.executors.memory"), "{}", c.message);
             assert!(c.message.contains("spec.steps[0].name"), "{}", c.message);
-            s.event("InvalidSpec").await;
+            s.event(FailureReason::InvalidSpec.as_str()).await;
             s
         },
     )

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::Pod;
 use kiln_api::crd::{CONDITION_DEGRADED, CONDITION_FAILED, CONDITION_SUCCEEDED};
 use kiln_api::rpc::JobStatusResponse;
-use kiln_api::{ComputeJob, JobPhase};
+use kiln_api::{ComputeJob, DriverReport, FailureReason, JobPhase};
 
 use crate::config::OperatorConfig;
 use crate::podstate::LossReason;
@@ -310,7 +310,8 @@ fn crash_looping_executors_back_off_then_fail_the_job() {
         if round == 2 {
             assert_eq!(plan.status.phase, JobPhase::Failed);
             let c = plan.status.condition(CONDITION_FAILED).unwrap();
-            assert_eq!(c.reason, "ExecutorsCrashLooping");
+            assert_eq!(c.reason, FailureReason::ExecutorsCrashLooping.as_str());
+            assert_eq!(plan.failure, Some(FailureReason::ExecutorsCrashLooping));
             assert!(
                 c.message.contains("3 executor pods in a row"),
                 "{}",
@@ -381,14 +382,55 @@ fn driver_success_copies_its_report_and_is_never_rerun() {
 #[test]
 fn driver_failure_fails_the_job_with_the_drivers_reason() {
     let mut w = World::running();
-    let report = r#"{"succeeded":false,"reason":"Planning","message":"step counts: table 'nope' not found","elapsedMs":10,"stages":0,"tasks":0,"attempts":0,"partitionsRecomputed":0,"rows":0,"files":0}"#;
-    w.set("wc-driver", |p| exited(p, 1, Some(report), 1, 5));
+    let report = DriverReport {
+        reason: Some(FailureReason::InvalidSql),
+        message: Some("step counts: table 'nope' not found".into()),
+        elapsed_ms: 10,
+        ..Default::default()
+    }
+    .to_termination_message();
+    w.set("wc-driver", |p| exited(p, 1, Some(&report), 1, 5));
     let plan = w.step(5);
     assert_eq!(plan.status.phase, JobPhase::Failed);
+    assert_eq!(plan.failure, Some(FailureReason::InvalidSql));
     let c = plan.status.condition(CONDITION_FAILED).unwrap();
-    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Planning"));
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", FailureReason::InvalidSql.as_str())
+    );
     assert!(c.message.contains("table 'nope' not found"));
-    assert_eq!(reasons(&plan), ["Planning"]);
+    assert_eq!(reasons(&plan), [FailureReason::InvalidSql.as_str()]);
+}
+
+#[test]
+fn a_driver_that_fails_without_a_readable_report_is_driver_failed() {
+    for message in [None, Some("panicked at src/main.rs: oops")] {
+        let mut w = World::running();
+        w.set("wc-driver", |p| exited(p, 101, message, 1, 5));
+        let plan = w.step(5);
+        assert_eq!(plan.status.phase, JobPhase::Failed);
+        assert_eq!(plan.failure, Some(FailureReason::DriverFailed));
+        let c = plan.status.condition(CONDITION_FAILED).unwrap();
+        assert_eq!(c.reason, FailureReason::DriverFailed.as_str());
+        assert!(c.message.contains("code 101"), "{}", c.message);
+    }
+    // A report without a reason, or with one this operator does not know, still counts.
+    for (reason, want) in [
+        ("", FailureReason::DriverFailed),
+        (r#""reason":"Planning","#, FailureReason::Internal),
+    ] {
+        let mut w = World::running();
+        let report = format!(
+            r#"{{"succeeded":false,{reason}"message":"no table","elapsedMs":1,"stages":0,"tasks":0,"attempts":0,"partitionsRecomputed":0,"rows":0,"files":0}}"#
+        );
+        w.set("wc-driver", |p| exited(p, 1, Some(&report), 1, 5));
+        let plan = w.step(5);
+        let c = plan.status.condition(CONDITION_FAILED).unwrap();
+        assert_eq!(
+            (c.reason.as_str(), c.message.as_str()),
+            (want.as_str(), "no table")
+        );
+    }
 }
 
 #[test]
@@ -423,7 +465,7 @@ fn drivers_lost_too_often_fail_the_job() {
     assert_eq!(plan.status.phase, JobPhase::Failed);
     assert_eq!(
         plan.status.condition(CONDITION_FAILED).unwrap().reason,
-        "DriverLost"
+        FailureReason::DriverLost.as_str()
     );
 }
 
@@ -461,7 +503,7 @@ fn a_bad_spec_fails_with_a_condition_naming_the_field() {
     assert!(plan.actions.is_empty());
     assert_eq!(plan.status.phase, JobPhase::Failed);
     let c = plan.status.condition(CONDITION_FAILED).unwrap();
-    assert_eq!(c.reason, "InvalidSpec");
+    assert_eq!(c.reason, FailureReason::InvalidSpec.as_str());
     assert!(c.message.contains("spec.executors.memory"), "{}", c.message);
     assert_eq!(plan.requeue, None, "nothing to retry");
 }
@@ -478,7 +520,7 @@ fn an_image_that_cannot_be_pulled_fails_the_job_after_the_grace_period() {
     let plan = w.step(61);
     assert_eq!(plan.status.phase, JobPhase::Failed);
     let c = plan.status.condition(CONDITION_FAILED).unwrap();
-    assert_eq!(c.reason, "ImagePullFailed");
+    assert_eq!(c.reason, FailureReason::ImagePullFailed.as_str());
     assert!(c.message.contains("kiln:test"), "{}", c.message);
     assert!(plan.actions.contains(&Action::DeletePod {
         name: "wc-driver".into(),
@@ -501,7 +543,7 @@ fn deadline_and_ttl() {
     assert_eq!(plan.status.phase, JobPhase::Failed);
     assert_eq!(
         plan.status.condition(CONDITION_FAILED).unwrap().reason,
-        "DeadlineExceeded"
+        FailureReason::DeadlineExceeded.as_str()
     );
     assert_eq!(plan.requeue.unwrap().as_secs(), 60);
     w.apply(&plan, 100);
@@ -535,6 +577,10 @@ fn too_many_losses_exhaust_the_budget() {
     let plan = w.step(10);
     assert_eq!(plan.status.phase, JobPhase::Failed);
     let c = plan.status.condition(CONDITION_FAILED).unwrap();
-    assert_eq!(c.reason, "ExecutorLossBudget");
+    assert_eq!(c.reason, FailureReason::ExecutorLossesExceeded.as_str());
+    assert_eq!(
+        reasons(&plan).last(),
+        Some(&FailureReason::ExecutorLossesExceeded.as_str())
+    );
     assert!(c.message.contains("maxExecutorLosses (1)"));
 }

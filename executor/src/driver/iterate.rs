@@ -12,8 +12,7 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 use kiln_api::StepSpec;
 
-use super::job::{JobRun, plan_err, referenced_tables, unpin};
-use super::service::Progress;
+use super::runner::{JobRun, plan_err, referenced_tables, register_view};
 use crate::{Error, Result};
 
 fn previous_name(step: &StepSpec) -> String {
@@ -46,7 +45,7 @@ pub(super) async fn check(ctx: &SessionContext, step: &StepSpec) -> Result<BTree
     let mut tables = referenced_tables(ctx, initial).map_err(plan_err(name))?;
     let start = ctx.sql(initial).await.map_err(plan_err(name))?;
     let start_schema: SchemaRef = start.schema().inner().clone();
-    super::job::register_view(ctx, name, name, initial).await?;
+    register_view(ctx, name, name, initial).await?;
     tables.extend(referenced_tables(ctx, &step.sql).map_err(plan_err(name))?);
     let body = ctx.sql(&step.sql).await.map_err(plan_err(name))?;
     let body_schema: SchemaRef = body.schema().inner().clone();
@@ -67,7 +66,7 @@ pub(super) async fn check(ctx: &SessionContext, step: &StepSpec) -> Result<BTree
         ));
     }
     if let Some(until) = &step.until {
-        super::job::register_view(ctx, name, &previous, initial).await?;
+        register_view(ctx, name, &previous, initial).await?;
         tables.extend(referenced_tables(ctx, until).map_err(plan_err(name))?);
         let cond = ctx.sql(until).await.map_err(plan_err(name))?;
         let fields = cond.schema().fields();
@@ -118,11 +117,8 @@ pub(super) async fn run(job: &mut JobRun<'_>, step: &StepSpec) -> Result<u32> {
     let max = step.max_iterations();
     let mut converged = step.until.is_none();
     for iteration in 1..=max {
-        job.shared.emit(Progress::Iteration {
-            step: name.to_string(),
-            iteration,
-            of: max,
-        });
+        job.shared
+            .act(|s| s.core.iteration_started(name, iteration, max));
         // `name` reads the previous result here.
         let df = job.ctx.sql(&step.sql).await.map_err(plan_err(name))?;
         let (next, _) = job.materialize(name, name, df).await?;
@@ -137,9 +133,9 @@ pub(super) async fn run(job: &mut JobRun<'_>, step: &StepSpec) -> Result<u32> {
             }
             None => false,
         };
-        unpin(job.shared, current);
+        job.release(current);
         current = next;
-        job.shared.record_iteration(name, iteration);
+        job.shared.act(|s| s.core.iteration_done(name, iteration));
         if done {
             converged = true;
             break;

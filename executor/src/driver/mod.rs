@@ -1,9 +1,20 @@
 //! The driver: plans the job into stages, schedules tasks on executors through its control
 //! service, tracks where every output lives, and assembles the result.
+//!
+//! - `core`: [`DriverCore`](core::DriverCore), all of the driver's state, fed events; pure.
+//! - `scheduler`: the stage graph and lineage inside the core.
+//! - `plans`: stage plans, resolved and encoded for executors (the DataFusion part).
+//! - `service`: the gRPC shell around the core, and the heartbeat monitor.
+//! - `steps`: the job's steps in order; `runner`: running a step's stages; `iterate`:
+//!   iterative steps (on `runner` only); `output`: the output commit protocol.
+mod core;
 mod iterate;
-mod job;
+mod output;
+mod plans;
+mod runner;
 pub mod scheduler;
 mod service;
+mod steps;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,9 +25,10 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-pub use job::JobOutcome;
-pub use service::Progress;
+pub use self::core::Progress;
+pub use output::SUCCESS_FILE;
 use service::{DriverService, Shared};
+pub use steps::JobOutcome;
 
 use crate::rpc::driver_server::DriverServer;
 use crate::{Error, Result};
@@ -30,6 +42,9 @@ pub struct DriverOptions {
     pub token: Option<String>,
     /// An executor silent this long is declared lost.
     pub heartbeat_timeout: Duration,
+    /// The job's identity across driver restarts (a ComputeJob's uid): a committed output
+    /// that names it is this job's own, not another's. None: a fresh id for this run.
+    pub job_uid: Option<String>,
 }
 
 /// A cheap, cloneable handle on a running driver.
@@ -46,7 +61,10 @@ impl DriverHandle {
         reason: scheduler::LossReason,
         occurred: Option<std::time::Instant>,
     ) {
-        self.shared.executor_lost(executor, reason, occurred);
+        self.shared.act(|s| {
+            s.core
+                .lose(executor, reason, occurred, std::time::Instant::now())
+        });
     }
 
     /// Progress events of the job.
@@ -56,10 +74,7 @@ impl DriverHandle {
 
     /// Live executors, with how many outputs still needed each holds.
     pub fn outputs_held(&self) -> std::collections::BTreeMap<String, usize> {
-        let state = self.shared.state.lock().unwrap();
-        let mut held = state.sched.needed_outputs_by_executor();
-        held.retain(|e, _| !state.departed.contains(e));
-        held
+        self.shared.read(|core| core.outputs_held())
     }
 }
 
@@ -84,7 +99,16 @@ impl Driver {
             address: options.bind.to_string(),
             source,
         })?;
-        let shared = Arc::new(Shared::new(spec, options.token)?);
+        let spec_json = serde_json::to_string(spec).map_err(|e| Error::Driver(e.to_string()))?;
+        let core =
+            self::core::DriverCore::new(spec.failure_policy.clone(), std::time::Instant::now());
+        let shared = Arc::new(Shared::new(
+            core,
+            spec_json,
+            options.token,
+            options.job_uid,
+            options.heartbeat_timeout,
+        ));
         let service = DriverServer::new(DriverService::new(shared.clone()))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
@@ -133,19 +157,21 @@ impl Driver {
 
     /// Runs the job to its end.
     pub async fn run(&self, spec: &JobSpec) -> Result<JobOutcome> {
-        job::run(&self.shared, spec).await
+        steps::run(&self.shared, spec).await
     }
 
     /// The summary of what ran so far.
     pub fn summary(&self, spec: &JobSpec) -> crate::JobSummary {
-        self.shared.summary(spec)
+        self.shared.read(|core| core.summary(spec))
     }
 
     /// Tells executors the job is over, gives them `grace` to hear it, and stops serving.
     pub async fn shutdown(self, grace: Duration) {
-        self.shared.begin_shutdown();
+        self.shared.act(|s| s.core.begin_shutdown());
         let deadline = tokio::time::Instant::now() + grace;
-        while tokio::time::Instant::now() < deadline && self.shared.live_executors() > 0 {
+        while tokio::time::Instant::now() < deadline
+            && self.shared.read(|core| core.live_width()) > 0
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.monitor.abort();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Instant;
 
+use kiln_api::launch::ExecutorLaunch;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -43,19 +44,21 @@ impl Launcher {
             path: log_path.clone(),
             source,
         })?;
+        let launch = ExecutorLaunch {
+            driver: self.driver_url.clone(),
+            id: id.to_string(),
+            host: "127.0.0.1".into(),
+            advertise_host: None,
+            slots: None,
+            memory: None,
+            work_dir: dir,
+            token: self.token.clone(),
+            // None here: `kiln run`'s own KILN_FAULTS, if any, is inherited.
+            faults: String::new(),
+        };
         tokio::process::Command::new(&self.program)
-            .args([
-                "executor",
-                "--driver",
-                &self.driver_url,
-                "--id",
-                id,
-                "--host",
-                "127.0.0.1",
-            ])
-            .arg("--work-dir")
-            .arg(&dir)
-            .env("KILN_TOKEN", &self.token)
+            .args(launch.command_line())
+            .envs(launch.env())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -85,6 +85,7 @@ impl LocalCluster {
                 bind: "127.0.0.1:0".parse().expect("a socket address"),
                 token: Some(token.clone()),
                 heartbeat_timeout: opts.heartbeat_timeout,
+                job_uid: None,
             },
         )
         .await?;
@@ -102,6 +103,7 @@ impl LocalCluster {
                     memory: None,
                     work_dir: fleet::executor_dir(&opts.work_dir, &id)?,
                     token: token.clone(),
+                    faults: String::new(),
                 };
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = run_executor(eo).await {

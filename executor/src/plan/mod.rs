@@ -5,7 +5,7 @@ mod sink;
 mod stages;
 
 pub use codec::KilnCodec;
-pub use sink::{SinkExec, part_file_name};
+pub use sink::{STAGING_DIR, SinkExec, StagedAttempt, part_file_name};
 pub use stages::{FinalOutput, Stage, StagePlanner};
 
 #[cfg(test)]

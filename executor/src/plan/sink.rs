@@ -1,6 +1,7 @@
 //! The root of a job's last stage when it has an output: writes one partition of its input
-//! as `part-NNNNN.<ext>` under the output location. A retried task overwrites the same file,
-//! so output is never duplicated.
+//! as `part-NNNNN.<ext>`, under the task attempt's own staging directory inside the output
+//! location. Only the driver's job commit moves a file into the output (see the driver's
+//! `output` module), so a retried, duplicate or zombie attempt never reaches it.
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -27,12 +28,40 @@ use tokio::io::AsyncWriteExt;
 
 use crate::shuffle::{write_stats, write_stats_schema};
 
-/// Writes each input partition to one file under `uri`.
+/// The directory under an output location where attempts stage their files; readers skip
+/// paths that start with `_`.
+pub const STAGING_DIR: &str = "_temporary";
+
+/// One task attempt of an output stage, whose files go to its own staging directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedAttempt {
+    /// The driver run that handed out the attempt.
+    pub run_id: String,
+    /// The output stage.
+    pub stage: u32,
+    /// The attempt number.
+    pub attempt: u32,
+}
+
+impl StagedAttempt {
+    /// `<output>/_temporary/<run>/s<stage>-p<partition>-a<attempt>`.
+    pub fn dir(&self, output: &Path, partition: u32) -> Path {
+        output
+            .clone()
+            .join(STAGING_DIR)
+            .join(self.run_id.as_str())
+            .join(format!("s{}-p{partition}-a{}", self.stage, self.attempt))
+    }
+}
+
+/// Writes each input partition to one file under `uri`: under the attempt's staging
+/// directory when it has one (always, on executors), else straight into `uri`.
 #[derive(Debug)]
 pub struct SinkExec {
     input: Arc<dyn ExecutionPlan>,
     uri: String,
     format: OutputFormat,
+    staging: Option<StagedAttempt>,
     props: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -55,9 +84,17 @@ impl SinkExec {
             input,
             uri,
             format,
+            staging: None,
             props: Arc::new(props),
             metrics: ExecutionPlanMetricsSet::new(),
         }
+    }
+
+    /// The same sink, writing into the staging directory of `attempt`.
+    pub fn staged(&self, attempt: StagedAttempt) -> Self {
+        let mut sink = Self::new(self.input.clone(), self.uri.clone(), self.format);
+        sink.staging = Some(attempt);
+        sink
     }
 
     /// The output location.
@@ -101,11 +138,9 @@ impl ExecutionPlan for SinkExec {
         self: Arc<Self>,
         mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(Self::new(
-            children.remove(0),
-            self.uri.clone(),
-            self.format,
-        )))
+        let mut sink = Self::new(children.remove(0), self.uri.clone(), self.format);
+        sink.staging = self.staging.clone();
+        Ok(Arc::new(sink))
     }
 
     fn execute(
@@ -115,10 +150,11 @@ impl ExecutionPlan for SinkExec {
     ) -> DfResult<SendableRecordBatchStream> {
         let url = ListingTableUrl::parse(&self.uri)?;
         let store = context.runtime_env().object_store(url.object_store())?;
-        let path = url
-            .prefix()
-            .clone()
-            .join(part_file_name(partition, self.format));
+        let dir = match &self.staging {
+            Some(attempt) => attempt.dir(url.prefix(), partition as u32),
+            None => url.prefix().clone(),
+        };
+        let path = dir.join(part_file_name(partition, self.format));
         let input = self.input.execute(partition, context)?;
         let written = MetricBuilder::new(&self.metrics).counter("output_bytes", partition);
         let format = self.format;

@@ -28,8 +28,14 @@ pub fn kiln_bin() -> PathBuf {
 
 /// Runs `kiln` with `args`, killing it after `timeout`; returns its output.
 pub fn run_kiln(args: &[&str], timeout: Duration) -> Output {
+    run_kiln_env(args, &[], timeout)
+}
+
+/// Like [`run_kiln`], with extra environment variables (its executor processes inherit them).
+pub fn run_kiln_env(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Output {
     let mut child = Command::new(kiln_bin())
         .args(args)
+        .envs(envs.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -128,6 +134,19 @@ pub fn run_job_with(
     extra: &[&str],
     timeout: Duration,
 ) -> JobRun {
+    run_job_with_env(dir, job, executors, extra, &[], timeout)
+}
+
+/// Like [`run_job_with`], with extra environment variables for `kiln run` and its executor
+/// processes (e.g. `KILN_FAULTS`).
+pub fn run_job_with_env(
+    dir: &Path,
+    job: &serde_yaml::Value,
+    executors: u32,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> JobRun {
     let job_file = dir.join("job.yaml");
     fs::write(
         &job_file,
@@ -148,7 +167,7 @@ pub fn run_job_with(
         "--quiet",
     ];
     args.extend_from_slice(extra);
-    let output = run_kiln(&args, timeout);
+    let output = run_kiln_env(&args, envs, timeout);
     let elapsed = started.elapsed();
     let summary = fs::read(&summary_file).ok().map(|bytes| {
         serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -208,16 +227,27 @@ pub async fn read_parquet_dir(dir: &Path) -> Result<Vec<RecordBatch>, String> {
         .map_err(|e| format!("cannot read output {}: {e}", dir.display()))
 }
 
-/// Checks that `dir` holds `_SUCCESS` and at least one part file.
+/// Checks that `dir` is a committed output: `_SUCCESS`, part files and nothing else (no
+/// staging directory, no stray file); returns how many part files it holds.
 pub fn check_output_layout(dir: &Path) -> Result<usize, String> {
     if !dir.join("_SUCCESS").is_file() {
         return Err(format!("output {} has no _SUCCESS marker", dir.display()));
     }
-    let parts = fs::read_dir(dir)
-        .map_err(|e| format!("cannot list output {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("part-"))
-        .count();
+    let mut parts = 0;
+    for entry in
+        fs::read_dir(dir).map_err(|e| format!("cannot list output {}: {e}", dir.display()))?
+    {
+        let name = entry
+            .map_err(|e| format!("cannot list output {}: {e}", dir.display()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with("part-") {
+            parts += 1;
+        } else if name != "_SUCCESS" {
+            return Err(format!("output {} holds a stray `{name}`", dir.display()));
+        }
+    }
     Ok(parts)
 }
 

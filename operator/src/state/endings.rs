@@ -7,7 +7,7 @@ use kiln_api::crd::{
     CONDITION_DEGRADED, CONDITION_FAILED, CONDITION_PROGRESSING, CONDITION_READY,
     CONDITION_SUCCEEDED, ComputeJobStatus, JobResult, ROLE_DRIVER, ROLE_EXECUTOR,
 };
-use kiln_api::{DriverReport, JobPhase};
+use kiln_api::{DriverReport, FailureReason, JobPhase};
 
 use super::{Action, Outlook, Plan, Run, elapsed};
 use crate::podstate;
@@ -78,7 +78,7 @@ impl Run<'_, '_> {
         self.end();
     }
 
-    pub(super) fn fail(&mut self, reason: &str, message: String) {
+    pub(super) fn fail(&mut self, reason: FailureReason, message: String) {
         let driver = self.pods_of(ROLE_DRIVER).next().cloned();
         if let Some(driver) = driver
             && !podstate::is_terminal(&driver)
@@ -87,11 +87,13 @@ impl Run<'_, '_> {
             self.delete(&driver, force);
         }
         self.status.phase = JobPhase::Failed;
+        self.plan.failure = Some(reason);
         let (generation, now) = (self.obs.job.metadata.generation, self.now());
         let s = &mut self.status;
-        s.set_condition(CONDITION_FAILED, true, reason, &message, generation, &now);
-        s.set_condition(CONDITION_SUCCEEDED, false, reason, "", generation, &now);
-        self.event(true, reason, message);
+        let name = reason.as_str();
+        s.set_condition(CONDITION_FAILED, true, name, &message, generation, &now);
+        s.set_condition(CONDITION_SUCCEEDED, false, name, "", generation, &now);
+        self.event(true, name, message);
         self.end();
     }
 

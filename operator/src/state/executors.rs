@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kiln_api::JobPhase;
 use kiln_api::crd::ROLE_EXECUTOR;
+use kiln_api::{FailureReason, JobPhase};
 
 use super::{Action, Child, Run, elapsed};
 use crate::children::{executor_index, executor_name};
@@ -143,7 +143,7 @@ impl Run<'_, '_> {
                 "{} executors lost, more than failurePolicy.maxExecutorLosses ({})",
                 executors.lost, spec.failure_policy.max_executor_losses
             );
-            self.fail("ExecutorLossBudget", message);
+            self.fail(FailureReason::ExecutorLossesExceeded, message);
             return;
         }
         if executors.consecutive_crashes >= cfg.crash_loop_limit {
@@ -153,7 +153,7 @@ impl Run<'_, '_> {
                 cfg.min_executor_uptime_seconds,
                 self.status.recovery.last_loss.clone().unwrap_or_default()
             );
-            self.fail("ExecutorsCrashLooping", message);
+            self.fail(FailureReason::ExecutorsCrashLooping, message);
             return;
         }
         let desired = spec.executors.count as usize;

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kiln_api::crd::{CONDITION_PROGRESSING, LABEL_ATTEMPT, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
 use kiln_api::rpc::JobStatusResponse;
-use kiln_api::{ComputeJob, ComputeJobStatus, DriverReport, JobPhase};
+use kiln_api::{ComputeJob, ComputeJobStatus, DriverReport, FailureReason, JobPhase};
 use kube::ResourceExt;
 
 use crate::children::{MAX_NAME_LENGTH, driver_service, spec_config_map, token_secret};
@@ -79,6 +79,8 @@ pub struct Plan {
     pub losses: Vec<(String, LossReason)>,
     /// Executor pods created to replace lost ones.
     pub replacements: usize,
+    /// Why the job failed, when this plan fails it.
+    pub failure: Option<FailureReason>,
 }
 
 /// What the reconciler saw.
@@ -122,6 +124,7 @@ impl Planner<'_> {
                 requeue: None,
                 losses: Vec::new(),
                 replacements: 0,
+                failure: None,
             },
             state: None,
         };
@@ -153,9 +156,18 @@ pub(crate) struct Run<'a, 'o> {
 /// The driver pod's state.
 enum DriverState {
     Succeeded(Option<DriverReport>),
-    Failed { reason: String, message: String },
-    Lost { detail: String, node_lost: bool },
-    Stuck { reason: String, message: String },
+    Failed {
+        reason: FailureReason,
+        message: String,
+    },
+    Lost {
+        detail: String,
+        node_lost: bool,
+    },
+    Stuck {
+        reason: String,
+        message: String,
+    },
     Starting,
     Running(String),
 }
@@ -280,7 +292,7 @@ impl Run<'_, '_> {
             ));
         }
         if !problems.is_empty() {
-            self.fail("InvalidSpec", problems.join("; "));
+            self.fail(FailureReason::InvalidSpec, problems.join("; "));
             return;
         }
         if job.spec.suspend {
@@ -295,7 +307,7 @@ impl Run<'_, '_> {
             let ran = elapsed(self.obs.now, &start);
             if ran >= limit {
                 self.fail(
-                    "DeadlineExceeded",
+                    FailureReason::DeadlineExceeded,
                     format!(
                         "the job ran for {}s, longer than activeDeadlineSeconds ({}s)",
                         ran.as_secs(),
@@ -317,7 +329,7 @@ impl Run<'_, '_> {
             }
             if let Some(r) = report {
                 return DriverState::Failed {
-                    reason: r.reason.clone().unwrap_or_else(|| "DriverFailed".into()),
+                    reason: r.reason.unwrap_or(FailureReason::DriverFailed),
                     message: r
                         .message
                         .clone()
@@ -327,7 +339,7 @@ impl Run<'_, '_> {
             // Killed by a signal (OOM, node shutdown) with no word from the driver: lost.
             if t.exit_code < 128 && t.reason.as_deref() != Some("OOMKilled") {
                 return DriverState::Failed {
-                    reason: "DriverFailed".into(),
+                    reason: FailureReason::DriverFailed,
                     message: format!(
                         "the driver exited with code {} without a report{}",
                         t.exit_code,
@@ -409,7 +421,7 @@ impl Run<'_, '_> {
         };
         match self.driver_state(&pod) {
             DriverState::Succeeded(report) => self.succeed(report),
-            DriverState::Failed { reason, message } => self.fail(&reason, message),
+            DriverState::Failed { reason, message } => self.fail(reason, message),
             DriverState::Lost { detail, node_lost } => self.driver_lost(&pod, detail, node_lost),
             DriverState::Stuck { reason, message } => self.stuck(&pod, &reason, &message),
             DriverState::Starting => {
@@ -488,7 +500,7 @@ impl Run<'_, '_> {
         self.delete_executors();
         if self.status.driver.restarts >= self.config().max_driver_restarts {
             self.fail(
-                "DriverLost",
+                FailureReason::DriverLost,
                 format!(
                     "the driver pod was lost {} times (at most {} restarts)",
                     self.status.driver.restarts + 1,
@@ -505,7 +517,7 @@ impl Run<'_, '_> {
         let name = podstate::name(pod).to_string();
         if self.status.driver.restarts >= self.config().max_driver_restarts {
             self.fail(
-                "DriverLost",
+                FailureReason::DriverLost,
                 format!(
                     "driver pod {name} was lost ({detail}) after {} restarts",
                     self.status.driver.restarts
@@ -546,9 +558,9 @@ impl Run<'_, '_> {
             .unwrap_or_default();
         if age >= grace {
             let why = if reason.contains("Image") {
-                "ImagePullFailed"
+                FailureReason::ImagePullFailed
             } else {
-                "ContainerConfigError"
+                FailureReason::ContainerConfigError
             };
             self.fail(
                 why,

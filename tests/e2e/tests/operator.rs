@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kiln_api::{ComputeJob, JobPhase};
+use kiln_api::{ComputeJob, FailureReason, JobPhase};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -527,30 +527,34 @@ async fn bad_specs_are_refused_or_failed_while_good_jobs_run() -> Result<()> {
         ensure!(err.to_string().contains(expected), "{name}: {err}");
     }
 
-    // Accepted, then failed with a condition naming the problem.
+    // Accepted, then failed with a condition naming the problem and why.
     let failing = [
         (
             "bad-sql",
             json!({"steps": [{"name": "counts", "sql": "SELEC word FROM lines"}]}),
             "SELEC",
+            FailureReason::InvalidSql,
         ),
         (
             "no-input",
             json!({"inputs": [{"name": "lines", "format": "text", "uri": format!("{}/missing/", dir(&work))}]}),
             "missing",
+            FailureReason::InvalidInput,
         ),
         (
             "bad-name",
             json!({"steps": [{"name": "1st", "sql": "SELECT 1"}]}),
             "spec.steps[0].name",
+            FailureReason::InvalidSpec,
         ),
         (
             "bad-image",
             json!({"image": "nosuchimage:1"}),
             "nosuchimage:1",
+            FailureReason::ImagePullFailed,
         ),
     ];
-    for (name, patch, _) in &failing {
+    for (name, patch, _, _) in &failing {
         let mut spec = good.clone();
         merge(&mut spec, patch);
         if let Some(out) = spec.pointer_mut("/output/uri") {
@@ -581,7 +585,7 @@ async fn bad_specs_are_refused_or_failed_while_good_jobs_run() -> Result<()> {
     )
     .await
     .with_context(|| op.logs())?;
-    for (name, _, expected) in &failing {
+    for (name, _, expected, reason) in &failing {
         let j = wait_finished(
             &client,
             &ns.name,
@@ -594,6 +598,12 @@ async fn bad_specs_are_refused_or_failed_while_good_jobs_run() -> Result<()> {
         let s = j.status.unwrap_or_default();
         let c = s.condition("Failed").context("no Failed condition")?;
         ensure!(c.status == "True", "{name}: {c:?}");
+        ensure!(
+            c.reason == reason.as_str(),
+            "{name}: failed for {}, expected {reason}: {}",
+            c.reason,
+            c.message
+        );
         ensure!(
             c.message.contains(expected),
             "{name}: the Failed condition does not name the problem ({expected}): {} {}",
@@ -619,6 +629,10 @@ async fn bad_specs_are_refused_or_failed_while_good_jobs_run() -> Result<()> {
         .collect();
     ensure!(reconcile_errors.is_empty(), "errors: {reconcile_errors:?}");
     ensure!(op.metric("kiln_operator_jobs").await? >= 5.0);
+    for (_, _, _, reason) in &failing {
+        let series = format!("kiln_operator_job_failures_total{{reason=\"{reason}\"}}");
+        ensure!(op.metric(&series).await? >= 1.0, "{series} not counted");
+    }
     op.stop().await?;
     Ok(())
 }

@@ -10,170 +10,16 @@ use std::time::{Duration, Instant};
 
 use kiln_api::FailurePolicy;
 
-/// An executor's id.
-pub type ExecutorId = String;
+mod types;
 
-/// One task: a partition of a stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TaskId {
-    /// Its stage.
-    pub stage: u32,
-    /// Its partition.
-    pub partition: u32,
-}
-
-/// Where a stage is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StageStatus {
-    /// Waiting for input stages.
-    Unresolved,
-    /// Inputs are complete; tasks may start.
-    Resolved,
-    /// Some tasks started.
-    Running,
-    /// Every partition's output is available.
-    Succeeded,
-}
+pub use kiln_api::LossReason;
+pub use types::*;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum TaskState {
     Pending,
     Running { executor: ExecutorId, attempt: u32 },
     Done { executor: ExecutorId },
-}
-
-pub use kiln_api::LossReason;
-
-/// How a task attempt failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TaskFailure {
-    /// The task's own data or SQL is at fault: the job fails at once.
-    Data(String),
-    /// The executor or its environment: retried, up to `maxTaskAttempts`.
-    Executor(String),
-    /// An input block was missing at `executor`: its producer reruns, then this task.
-    Fetch {
-        executor: ExecutorId,
-        stage: u32,
-        map_partition: u32,
-    },
-}
-
-/// Why a job cannot go on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JobFailure {
-    /// A task failed on its own data or SQL: retrying cannot help.
-    Data {
-        /// The task.
-        task: TaskId,
-        /// The task's error.
-        message: String,
-    },
-    /// A task failed `maxTaskAttempts` times.
-    TaskAttempts {
-        /// The task.
-        task: TaskId,
-        /// Failed attempts.
-        failures: u32,
-        /// The budget.
-        limit: u32,
-        /// The last failure.
-        last: String,
-    },
-    /// A stage was resubmitted more than `maxStageAttempts` times.
-    StageAttempts {
-        /// The stage.
-        stage: u32,
-        /// Its attempts.
-        attempts: u32,
-        /// The budget.
-        limit: u32,
-    },
-    /// More executors were lost than `maxExecutorLosses` allows.
-    ExecutorLosses {
-        /// Executors lost.
-        lost: u32,
-        /// The budget.
-        limit: u32,
-        /// The last one lost.
-        executor: ExecutorId,
-        /// Why.
-        reason: LossReason,
-    },
-}
-
-impl JobFailure {
-    /// A PascalCase name for status reasons and metrics.
-    pub fn category(&self) -> &'static str {
-        match self {
-            JobFailure::Data { .. } => "TaskDataError",
-            JobFailure::TaskAttempts { .. } => "TaskAttemptsExceeded",
-            JobFailure::StageAttempts { .. } => "StageAttemptsExceeded",
-            JobFailure::ExecutorLosses { .. } => "ExecutorLossesExceeded",
-        }
-    }
-}
-
-impl std::fmt::Display for JobFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JobFailure::Data { task, message } => write!(
-                f,
-                "task {}.{} failed on its data: {message}",
-                task.stage, task.partition
-            ),
-            JobFailure::TaskAttempts {
-                task,
-                failures,
-                limit,
-                last,
-            } => write!(
-                f,
-                "task {}.{} failed {failures} times (failurePolicy.maxTaskAttempts = {limit}); last: {last}",
-                task.stage, task.partition
-            ),
-            JobFailure::StageAttempts {
-                stage,
-                attempts,
-                limit,
-            } => write!(
-                f,
-                "stage {stage} had to be resubmitted {attempts} times (failurePolicy.maxStageAttempts = {limit})"
-            ),
-            JobFailure::ExecutorLosses {
-                lost,
-                limit,
-                executor,
-                reason,
-            } => write!(
-                f,
-                "lost {lost} executors, more than failurePolicy.maxExecutorLosses = {limit} (last: {executor}, {})",
-                reason.as_str()
-            ),
-        }
-    }
-}
-
-/// One executor loss, as the scheduler saw it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Loss {
-    /// The executor.
-    pub executor: ExecutorId,
-    /// Why it went.
-    pub reason: LossReason,
-    /// Outputs it held that were still needed, now to be recomputed.
-    pub outputs_lost: u64,
-}
-
-/// What changed, for the driver to act on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SchedulerEvent {
-    /// A stage's inputs are complete (again); its plan must be (re)resolved.
-    StageResolved(u32),
-    /// All of a stage's outputs are available.
-    StageSucceeded(u32),
-    /// The job cannot go on.
-    JobFailed(JobFailure),
 }
 
 #[derive(Debug)]
@@ -191,6 +37,9 @@ struct StageState {
     pinned: bool,
     released: bool,
     preferred: Option<u32>,
+    /// Its outputs live outside the executors (a sink's committed files): losing the
+    /// executor that wrote one loses nothing.
+    durable: bool,
 }
 
 #[derive(Debug)]
@@ -251,9 +100,17 @@ impl Scheduler {
                 pinned: false,
                 released: false,
                 preferred,
+                durable: false,
             },
         );
         self.refresh()
+    }
+
+    /// Marks a stage whose outputs outlive the executors that wrote them (an output sink).
+    pub fn set_durable(&mut self, stage: u32) {
+        if let Some(s) = self.stages.get_mut(&stage) {
+            s.durable = true;
+        }
     }
 
     /// Keeps a stage's output needed after its consumers finish (cached datasets, results
@@ -610,6 +467,7 @@ impl Scheduler {
         let held: Vec<(u32, u32)> = self
             .stages
             .iter()
+            .filter(|(_, s)| !s.durable)
             .flat_map(|(sid, s)| {
                 s.tasks
                     .iter()
@@ -625,6 +483,64 @@ impl Scheduler {
         if let Some(loss) = self.losses.last_mut() {
             loss.outputs_lost = self.outputs_lost - before;
         }
+        events.extend(self.refresh());
+        events
+    }
+
+    /// Reconciles what the driver thinks `executor` runs with the attempts it says it holds
+    /// (running, or finished with the report not yet acknowledged): an attempt the executor
+    /// does not know (its assignment or its report was lost on the wire) goes back to
+    /// pending without counting as a failure. Returns the tasks put back.
+    pub fn reconcile(&mut self, executor: &str, known: &BTreeSet<(TaskId, u32)>) -> Vec<TaskId> {
+        let Some(info) = self.executors.get(executor) else {
+            return Vec::new();
+        };
+        let forgotten: Vec<TaskId> = info
+            .running
+            .iter()
+            .filter(|t| {
+                let attempt = match self
+                    .stages
+                    .get(&t.stage)
+                    .map(|s| &s.tasks[t.partition as usize])
+                {
+                    Some(TaskState::Running { attempt, .. }) => *attempt,
+                    _ => return false,
+                };
+                !known.contains(&(**t, attempt))
+            })
+            .copied()
+            .collect();
+        for t in &forgotten {
+            self.executors
+                .get_mut(executor)
+                .expect("checked above")
+                .running
+                .remove(t);
+            if let Some(s) = self.stages.get_mut(&t.stage) {
+                s.tasks[t.partition as usize] = TaskState::Pending;
+            }
+        }
+        forgotten
+    }
+
+    /// An output could not be read where the scheduler placed it (a result fetch that
+    /// failed): it is recomputed if still needed, as after a failed shuffle fetch.
+    pub fn output_lost(
+        &mut self,
+        stage: u32,
+        partition: u32,
+        executor: &str,
+    ) -> Vec<SchedulerEvent> {
+        let held_there = self
+            .stages
+            .get(&stage)
+            .and_then(|s| s.tasks.get(partition as usize))
+            .is_some_and(|t| matches!(t, TaskState::Done { executor: e } if e == executor));
+        if !held_there {
+            return Vec::new();
+        }
+        let mut events = self.lose_outputs(&[(stage, partition)]);
         events.extend(self.refresh());
         events
     }
@@ -783,5 +699,4 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-#[path = "scheduler_tests.rs"]
 mod tests;

@@ -1,0 +1,616 @@
+//! `DriverCore`: every piece of the driver's state, and one method per event that changes
+//! it. Executors registering, polling, reporting and being lost; the job runner submitting a
+//! step's stages, releasing what it no longer needs and recording iterations. Each method
+//! answers with what to do next; progress for bars and logs collects in an outbox the shell
+//! drains. No locks, no I/O, no clock of its own (callers pass `now`): the gRPC service
+//! (`service.rs`) and the job runner (`runner.rs`) are thin shells around it, and the unit
+//! tests (`core_tests.rs`) drive it with synthetic events.
+//!
+//! Where each piece of state lives:
+//! - the stage graph, task attempts, the executor registry and block locations (the lineage):
+//!   the inner [`Scheduler`];
+//! - what each stage is for and what its tasks counted: [`StageInfo`] in `stages`;
+//! - which attempt of each output partition commits: `commits`;
+//! - losses and how long each took to make good: `loss_timings`;
+//! - stages whose blocks executors may drop, per executor: `drops`;
+//! - iterations of iterative steps: `iterations`.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use kiln_api::{FailurePolicy, JobSpec};
+
+use super::scheduler::{
+    ExecutorId, JobFailure, LossReason, Scheduler, SchedulerEvent, StageStatus, TaskFailure, TaskId,
+};
+use crate::rpc;
+use crate::summary::{
+    JobSummary, LossSummary, RecoverySummary, StageCounters, StageSummary, StepSummary, Totals,
+};
+
+/// Progress of a job, for bars and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A stage was submitted.
+    StageSubmitted {
+        stage: u32,
+        step: String,
+        description: String,
+        tasks: usize,
+        /// Whether it hash-partitions its output for a shuffle.
+        shuffle: bool,
+    },
+    /// A task of the stage finished; `done` of `total` partitions are complete.
+    TaskDone {
+        stage: u32,
+        done: usize,
+        total: usize,
+    },
+    /// Every partition of the stage is complete.
+    StageDone { stage: u32 },
+    /// An executor was lost.
+    ExecutorLost { executor: String, reason: String },
+    /// An executor registered.
+    ExecutorRegistered { executor: String },
+    /// An iterative step started an iteration.
+    Iteration {
+        step: String,
+        iteration: u32,
+        of: u32,
+    },
+}
+
+/// A stage as the job runner submits it (its plan stays with the runner's plans).
+#[derive(Clone, Debug)]
+pub(crate) struct StageSubmission {
+    /// Stage id (ids follow dependency order).
+    pub id: u32,
+    /// What it runs, for people.
+    pub description: String,
+    /// Partitions, one task each.
+    pub partitions: usize,
+    /// Stages it reads.
+    pub inputs: Vec<u32>,
+    /// A stage whose partition `p` its task `p` reads whole (run where that lives).
+    pub preferred: Option<u32>,
+    /// Whether it hash-partitions its output for a shuffle.
+    pub shuffle: bool,
+    /// Whether it writes the job's output (its results outlive executors and commit).
+    pub sink: bool,
+}
+
+/// What the core keeps of each stage besides its place in the graph.
+#[derive(Clone, Debug)]
+pub(crate) struct StageInfo {
+    pub step: String,
+    pub description: String,
+    pub shuffle: bool,
+    pub partitions: usize,
+    pub counters: StageCounters,
+}
+
+/// When a loss happened, was seen, and was made good.
+#[derive(Clone, Debug)]
+struct LossTiming {
+    /// When the executor went, if known (a kill the runner made, a pod's deletion, the last
+    /// heartbeat of a silent executor).
+    occurred: Option<Instant>,
+    /// When the driver declared it lost.
+    detected: Instant,
+    /// Live executors just before the loss.
+    width_before: usize,
+    /// When as many executors were live again.
+    full_width: Option<Instant>,
+}
+
+/// The answer to a registration.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Registration {
+    /// Welcome.
+    Accepted,
+    /// The id was declared lost: it must not come back under it.
+    Refused(String),
+}
+
+/// The answer to a poll.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PollAnswer {
+    /// The job is over: finish and exit.
+    Shutdown,
+    /// The driver does not know this executor (it was declared lost).
+    UnknownExecutor,
+    /// Tasks to run (attempt numbers with them) and stages whose blocks may go.
+    Work {
+        tasks: Vec<(TaskId, u32)>,
+        drops: Vec<u32>,
+    },
+    /// Nothing yet: wait for news before answering (a long poll).
+    Wait,
+}
+
+/// How a task attempt ended, as its executor reports it.
+#[derive(Clone, Debug)]
+pub(crate) enum TaskOutcome {
+    /// It succeeded, with what it counted.
+    Succeeded(StageCounters),
+    /// It failed.
+    Failed(TaskFailure),
+}
+
+/// Where a stage the runner waits for stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StageOutcome {
+    /// Still running (or recomputing lost partitions).
+    Waiting,
+    /// Every partition is complete.
+    Succeeded,
+    /// The job cannot go on.
+    Failed(JobFailure),
+}
+
+/// The driver's state.
+#[derive(Debug)]
+pub(crate) struct DriverCore {
+    sched: Scheduler,
+    stages: BTreeMap<u32, StageInfo>,
+    /// Output stage → partition → the one attempt allowed to commit it.
+    commits: BTreeMap<u32, BTreeMap<u32, u32>>,
+    loss_timings: Vec<LossTiming>,
+    drops: HashMap<ExecutorId, Vec<u32>>,
+    registered: BTreeSet<ExecutorId>,
+    departed: BTreeSet<ExecutorId>,
+    iterations: HashMap<String, u32>,
+    shutdown: bool,
+    started: Instant,
+    outbox: Vec<Progress>,
+    /// Something changed that may give waiting polls work or the runner news.
+    changed: bool,
+}
+
+impl DriverCore {
+    /// A core for a job with these budgets, started at `now`.
+    pub fn new(policy: FailurePolicy, now: Instant) -> Self {
+        Self {
+            sched: Scheduler::new(policy),
+            stages: BTreeMap::new(),
+            commits: BTreeMap::new(),
+            loss_timings: Vec::new(),
+            drops: HashMap::new(),
+            registered: BTreeSet::new(),
+            departed: BTreeSet::new(),
+            iterations: HashMap::new(),
+            shutdown: false,
+            started: now,
+            outbox: Vec::new(),
+            changed: false,
+        }
+    }
+
+    /// Progress since the last call, for the shell to publish.
+    pub fn take_progress(&mut self) -> Vec<Progress> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Whether anything changed since the last call that waiting polls or the runner must
+    /// look at (a poll that only took work changes nothing for the others).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    // ---- events from executors -------------------------------------------------------
+
+    /// An executor announces itself.
+    pub fn register(&mut self, executor: &str, address: &str, now: Instant) -> Registration {
+        if !self.sched.register_executor(executor, address, now) {
+            return Registration::Refused(format!(
+                "executor {executor} was declared lost; register under a new id"
+            ));
+        }
+        self.registered.insert(executor.to_string());
+        self.changed = true;
+        self.note_width(now);
+        self.outbox.push(Progress::ExecutorRegistered {
+            executor: executor.to_string(),
+        });
+        Registration::Accepted
+    }
+
+    /// An executor asks for work with `free` slots, saying which attempts it holds (running,
+    /// or finished with the report not yet acknowledged). `last_round`: answer even with
+    /// nothing to give (the long poll has waited long enough).
+    pub fn poll(
+        &mut self,
+        executor: &str,
+        free: usize,
+        held: &BTreeSet<(TaskId, u32)>,
+        last_round: bool,
+        now: Instant,
+    ) -> PollAnswer {
+        if self.shutdown {
+            self.departed.insert(executor.to_string());
+            return PollAnswer::Shutdown;
+        }
+        if !self.sched.is_live(executor) {
+            return PollAnswer::UnknownExecutor;
+        }
+        self.sched.heartbeat(executor, now);
+        for task in self.sched.reconcile(executor, held) {
+            self.changed = true;
+            tracing::warn!(
+                executor,
+                stage = task.stage,
+                partition = task.partition,
+                "the executor does not hold a task the driver gave it (an assignment or its report was lost); rescheduled"
+            );
+        }
+        let drops = self.drops.remove(executor).unwrap_or_default();
+        let tasks = self.sched.assign(executor, free);
+        if tasks.is_empty() && drops.is_empty() && !last_round && free > 0 {
+            return PollAnswer::Wait;
+        }
+        PollAnswer::Work { tasks, drops }
+    }
+
+    /// A task attempt ended. Returns whether it counted as the partition's success (late
+    /// and duplicate reports, those of attempts no longer current, and failures do not).
+    pub fn report(
+        &mut self,
+        executor: &str,
+        task: TaskId,
+        attempt: u32,
+        outcome: TaskOutcome,
+    ) -> bool {
+        match outcome {
+            TaskOutcome::Succeeded(counters) => {
+                let (counted, events) = self.sched.task_succeeded(task, attempt, executor);
+                if counted {
+                    if let Some(commits) = self.commits.get_mut(&task.stage) {
+                        // The first success is the one attempt whose files the job commits.
+                        commits.entry(task.partition).or_insert(attempt);
+                    }
+                    if let Some(info) = self.stages.get_mut(&task.stage) {
+                        info.counters.add(&counters);
+                    }
+                    let (done, total) = self.sched.progress(task.stage);
+                    self.outbox.push(Progress::TaskDone {
+                        stage: task.stage,
+                        done,
+                        total,
+                    });
+                }
+                self.handle(events);
+                counted
+            }
+            TaskOutcome::Failed(failure) => {
+                let events = self.sched.task_failed(task, attempt, executor, failure);
+                self.handle(events);
+                false
+            }
+        }
+    }
+
+    /// Someone (the operator, the local runner, the heartbeat monitor) saw `executor` go;
+    /// `occurred` is when, if known.
+    pub fn lose(
+        &mut self,
+        executor: &str,
+        reason: LossReason,
+        occurred: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        if !self.sched.is_live(executor) {
+            return false;
+        }
+        tracing::warn!(executor, reason = reason.as_str(), "executor lost");
+        let width_before = self.live_width();
+        let events = self.sched.executor_lost(executor, reason);
+        self.loss_timings.push(LossTiming {
+            occurred,
+            detected: now,
+            width_before,
+            full_width: None,
+        });
+        self.outbox.push(Progress::ExecutorLost {
+            executor: executor.to_string(),
+            reason: reason.as_str().to_string(),
+        });
+        self.handle(events);
+        true
+    }
+
+    /// Declares lost every executor silent for longer than `timeout`.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<ExecutorId> {
+        let expired = self.sched.expired(now, timeout);
+        for (executor, last_seen) in &expired {
+            self.lose(
+                executor,
+                LossReason::HeartbeatTimeout,
+                Some(*last_seen),
+                now,
+            );
+        }
+        expired.into_iter().map(|(e, _)| e).collect()
+    }
+
+    // ---- events from the job runner --------------------------------------------------
+
+    /// Submits a step's stages, in dependency order; the last one stays pinned (needed after
+    /// its consumers finish) when `keep_final`.
+    pub fn submit(&mut self, step: &str, stages: Vec<StageSubmission>, keep_final: bool) -> u32 {
+        let final_stage = stages.last().expect("a plan has at least one stage").id;
+        for stage in stages {
+            self.outbox.push(Progress::StageSubmitted {
+                stage: stage.id,
+                step: step.to_string(),
+                description: stage.description.clone(),
+                tasks: stage.partitions,
+                shuffle: stage.shuffle,
+            });
+            self.stages.insert(
+                stage.id,
+                StageInfo {
+                    step: step.to_string(),
+                    description: stage.description,
+                    shuffle: stage.shuffle,
+                    partitions: stage.partitions,
+                    counters: StageCounters::default(),
+                },
+            );
+            let events =
+                self.sched
+                    .add_stage(stage.id, stage.partitions, stage.inputs, stage.preferred);
+            if stage.sink {
+                self.sched.set_durable(stage.id);
+                self.commits.insert(stage.id, BTreeMap::new());
+            }
+            self.handle(events);
+        }
+        self.sched.pin(final_stage, keep_final);
+        final_stage
+    }
+
+    /// Where a stage the runner waits for stands.
+    pub fn outcome(&self, stage: u32) -> StageOutcome {
+        if let Some(failure) = self.sched.failure() {
+            return StageOutcome::Failed(failure.clone());
+        }
+        match self.sched.status(stage) {
+            Some(StageStatus::Succeeded) => StageOutcome::Succeeded,
+            _ => StageOutcome::Waiting,
+        }
+    }
+
+    /// A result or cached dataset no longer needed: it, and the lineage only it kept, go.
+    pub fn release(&mut self, stage: u32) {
+        self.changed = true;
+        self.sched.pin(stage, false);
+        self.collect_garbage();
+    }
+
+    /// Stages nothing needs any more: never recomputed, their blocks dropped by executors
+    /// at their next poll.
+    pub fn collect_garbage(&mut self) {
+        let stages = self.sched.collect_garbage();
+        if stages.is_empty() {
+            return;
+        }
+        let executors: Vec<ExecutorId> = self.sched.executors().cloned().collect();
+        for e in executors {
+            self.drops.entry(e).or_default().extend_from_slice(&stages);
+        }
+    }
+
+    /// A result partition could not be fetched from `executor`: recompute it.
+    pub fn result_lost(&mut self, stage: u32, partition: u32, executor: &str) {
+        let events = self.sched.output_lost(stage, partition, executor);
+        self.handle(events);
+    }
+
+    /// An iterative step started iteration `iteration` of at most `of`.
+    pub fn iteration_started(&mut self, step: &str, iteration: u32, of: u32) {
+        self.outbox.push(Progress::Iteration {
+            step: step.to_string(),
+            iteration,
+            of,
+        });
+    }
+
+    /// Notes that `step` finished iteration `n`.
+    pub fn iteration_done(&mut self, step: &str, n: u32) {
+        self.iterations.insert(step.to_string(), n);
+    }
+
+    /// The job is over: polls are answered with shutdown from now on.
+    pub fn begin_shutdown(&mut self) {
+        self.changed = true;
+        self.shutdown = true;
+    }
+
+    /// A task could not be handed out (its plan did not encode): it fails on its own data.
+    pub fn task_unsendable(&mut self, executor: &str, task: TaskId, attempt: u32, why: String) {
+        let events = self
+            .sched
+            .task_failed(task, attempt, executor, TaskFailure::Data(why));
+        self.handle(events);
+    }
+
+    // ---- queries ------------------------------------------------------------------------
+
+    /// The attempt of each partition of output stage `stage` that commits.
+    pub fn commits(&self, stage: u32) -> Vec<(u32, u32)> {
+        self.commits
+            .get(&stage)
+            .map(|c| c.iter().map(|(p, a)| (*p, *a)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Where each partition of a complete stage lives: `(executor, address)` per partition.
+    pub fn locations(&self, stage: u32) -> Option<Vec<(ExecutorId, String)>> {
+        self.sched.locations(stage)
+    }
+
+    /// Bumped each time the stage is resolved: a plan encoded at an older epoch carries stale
+    /// locations.
+    pub fn epoch(&self, stage: u32) -> u64 {
+        self.sched.epoch(stage)
+    }
+
+    /// What the core keeps of a stage.
+    pub fn stage(&self, stage: u32) -> Option<&StageInfo> {
+        self.stages.get(&stage)
+    }
+
+    /// Live executors that have not been told to leave.
+    pub fn live_width(&self) -> usize {
+        self.sched
+            .executors()
+            .filter(|e| !self.departed.contains(*e))
+            .count()
+    }
+
+    /// Live executors, with how many outputs still needed each holds.
+    pub fn outputs_held(&self) -> BTreeMap<ExecutorId, usize> {
+        let mut held = self.sched.needed_outputs_by_executor();
+        held.retain(|e, _| !self.departed.contains(e));
+        held
+    }
+
+    /// Whether `executor` is registered and not lost.
+    pub fn is_live(&self, executor: &str) -> bool {
+        self.sched.is_live(executor)
+    }
+
+    /// Progress so far, for the operator.
+    pub fn job_status(&self) -> rpc::JobStatusResponse {
+        let mut status = rpc::JobStatusResponse::default();
+        for id in self.stages.keys() {
+            let (done, total) = self.sched.progress(*id);
+            status.stages_total += 1;
+            status.stages_done += u32::from(done == total);
+            status.tasks_done += done as u64;
+            status.tasks_total += total as u64;
+            status.partitions_recomputed += self.sched.launch_counts(*id).1;
+        }
+        status.executors_live = self.live_width() as u32;
+        status.executors_lost = self.sched.losses().len() as u32;
+        status.last_lost_executor = self
+            .sched
+            .losses()
+            .last()
+            .map(|l| l.executor.clone())
+            .unwrap_or_default();
+        status.lost_executors = self
+            .sched
+            .losses()
+            .iter()
+            .map(|l| rpc::LostExecutor {
+                executor_id: l.executor.clone(),
+                reason: l.reason.as_str().to_string(),
+            })
+            .collect();
+        status
+    }
+
+    /// The summary of what ran so far.
+    pub fn summary(&self, spec: &JobSpec) -> JobSummary {
+        let mut stages = Vec::new();
+        let mut totals = Totals::default();
+        for (id, info) in &self.stages {
+            let (attempts, recomputed) = self.sched.launch_counts(*id);
+            totals.tasks += info.partitions as u64;
+            totals.attempts += attempts;
+            totals.recomputed += recomputed;
+            totals.counters.add(&info.counters);
+            stages.push(StageSummary {
+                id: *id,
+                step: info.step.clone(),
+                description: info.description.clone(),
+                shuffle: info.shuffle,
+                tasks: info.partitions as u64,
+                attempts,
+                recomputed,
+                counters: info.counters.clone(),
+            });
+        }
+        let steps = spec
+            .steps
+            .iter()
+            .filter_map(|step| {
+                let own: Vec<&StageSummary> =
+                    stages.iter().filter(|s| s.step == step.name).collect();
+                (!own.is_empty()).then(|| StepSummary {
+                    name: step.name.clone(),
+                    cached: step.cache != kiln_api::CacheLevel::None,
+                    stages: own.iter().map(|s| s.id).collect(),
+                    tasks: own.iter().map(|s| s.tasks).sum(),
+                    attempts: own.iter().map(|s| s.attempts).sum(),
+                    iterations: self.iterations.get(&step.name).copied(),
+                })
+            })
+            .collect();
+        JobSummary {
+            executors: self.registered.len() as u64,
+            stages,
+            totals,
+            steps,
+            recovery: self.recovery(),
+            ..Default::default()
+        }
+    }
+
+    // ---- inner -----------------------------------------------------------------------
+
+    fn handle(&mut self, events: Vec<SchedulerEvent>) {
+        self.changed = true;
+        for e in events {
+            match e {
+                SchedulerEvent::StageSucceeded(stage) => {
+                    self.outbox.push(Progress::StageDone { stage })
+                }
+                SchedulerEvent::StageResolved(_) => {}
+                SchedulerEvent::JobFailed(reason) => tracing::error!(%reason, "job failed"),
+            }
+        }
+    }
+
+    /// Losses and what they cost.
+    fn recovery(&self) -> RecoverySummary {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut recovery = RecoverySummary {
+            outputs_lost: self.sched.outputs_lost(),
+            ..Default::default()
+        };
+        for (loss, t) in self.sched.losses().iter().zip(&self.loss_timings) {
+            *recovery
+                .executors_lost
+                .entry(loss.reason.as_str().to_string())
+                .or_default() += 1;
+            recovery.losses.push(LossSummary {
+                executor: loss.executor.clone(),
+                reason: loss.reason.as_str().to_string(),
+                at_ms: ms(t.detected.saturating_duration_since(self.started)),
+                outputs_lost: loss.outputs_lost,
+                detection_ms: t
+                    .occurred
+                    .map(|o| ms(t.detected.saturating_duration_since(o))),
+                full_width_ms: t
+                    .full_width
+                    .map(|f| ms(f.saturating_duration_since(t.occurred.unwrap_or(t.detected)))),
+            });
+        }
+        recovery
+    }
+
+    /// Marks losses made good once as many executors are live as before them.
+    fn note_width(&mut self, now: Instant) {
+        let width = self.live_width();
+        for t in &mut self.loss_timings {
+            if t.full_width.is_none() && width >= t.width_before {
+                t.full_width = Some(now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

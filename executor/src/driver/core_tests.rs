@@ -1,0 +1,346 @@
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use kiln_api::FailurePolicy;
+
+use super::*;
+
+fn policy() -> FailurePolicy {
+    FailurePolicy {
+        max_task_attempts: 3,
+        max_stage_attempts: 4,
+        max_executor_losses: 4,
+        ..Default::default()
+    }
+}
+
+fn stage(id: u32, partitions: usize, inputs: Vec<u32>, sink: bool) -> StageSubmission {
+    StageSubmission {
+        id,
+        description: format!("stage {id}"),
+        partitions,
+        inputs,
+        preferred: None,
+        shuffle: !sink,
+        sink,
+    }
+}
+
+fn ok() -> TaskOutcome {
+    TaskOutcome::Succeeded(StageCounters {
+        output_rows: 10,
+        ..Default::default()
+    })
+}
+
+fn none() -> BTreeSet<(TaskId, u32)> {
+    BTreeSet::new()
+}
+
+/// A map stage (1, two partitions) feeding an output stage (2, two partitions), executors a
+/// and b registered.
+fn job(now: Instant) -> DriverCore {
+    let mut core = DriverCore::new(policy(), now);
+    assert_eq!(core.register("a", "a:1", now), Registration::Accepted);
+    assert_eq!(core.register("b", "b:1", now), Registration::Accepted);
+    let last = core.submit(
+        "out",
+        vec![stage(1, 2, vec![], false), stage(2, 2, vec![1], true)],
+        false,
+    );
+    assert_eq!(last, 2);
+    core
+}
+
+fn tasks(answer: PollAnswer) -> Vec<(TaskId, u32)> {
+    match answer {
+        PollAnswer::Work { tasks, .. } => tasks,
+        other => panic!("expected work, got {other:?}"),
+    }
+}
+
+/// Polls `executor` with everything it was given as held, and reports each success.
+fn run_round(core: &mut DriverCore, executor: &str, now: Instant) -> usize {
+    let got = tasks(core.poll(executor, 8, &none(), true, now));
+    for (t, attempt) in &got {
+        core.report(executor, *t, *attempt, ok());
+    }
+    got.len()
+}
+
+#[test]
+fn a_job_runs_to_its_end_and_says_so() {
+    let now = Instant::now();
+    let mut core = job(now);
+    let submitted = core.take_progress();
+    assert!(matches!(
+        submitted.as_slice(),
+        [
+            Progress::ExecutorRegistered { .. },
+            Progress::ExecutorRegistered { .. },
+            Progress::StageSubmitted { stage: 1, .. },
+            Progress::StageSubmitted { stage: 2, .. },
+        ]
+    ));
+    assert_eq!(run_round(&mut core, "a", now), 2, "the map stage first");
+    assert_eq!(core.outcome(2), StageOutcome::Waiting);
+    assert_eq!(run_round(&mut core, "b", now), 2, "then the output stage");
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    assert_eq!(core.commits(2), vec![(0, 0), (1, 0)]);
+    let progress = core.take_progress();
+    assert!(progress.contains(&Progress::StageDone { stage: 1 }));
+    assert!(progress.contains(&Progress::StageDone { stage: 2 }));
+    let summary = core.summary(&kiln_api::JobSpec::default());
+    assert_eq!(summary.totals.tasks, 4);
+    assert_eq!(summary.totals.attempts, 4);
+    assert_eq!(summary.totals.counters.output_rows, 40);
+}
+
+#[test]
+fn an_idle_poll_waits_and_the_last_round_answers() {
+    let now = Instant::now();
+    let mut core = DriverCore::new(policy(), now);
+    core.register("a", "a:1", now);
+    assert_eq!(core.poll("a", 2, &none(), false, now), PollAnswer::Wait);
+    assert_eq!(
+        core.poll("a", 2, &none(), true, now),
+        PollAnswer::Work {
+            tasks: vec![],
+            drops: vec![]
+        }
+    );
+    core.take_changed();
+    assert_eq!(core.poll("a", 2, &none(), false, now), PollAnswer::Wait);
+    assert!(
+        !core.take_changed(),
+        "a poll that took nothing wakes nobody"
+    );
+}
+
+#[test]
+fn a_task_whose_assignment_was_lost_is_rescheduled_without_counting_a_failure() {
+    let now = Instant::now();
+    let mut core = job(now);
+    let given = tasks(core.poll("a", 1, &none(), true, now));
+    let (lost_task, attempt) = given[0];
+    // The answer never reached the executor: its next poll does not list the attempt.
+    let again = tasks(core.poll("a", 1, &none(), true, now));
+    assert_eq!(again.len(), 1);
+    assert!(core.take_changed(), "reconciling wakes the other polls");
+    // The lost task comes back as a new attempt, to whoever asks next.
+    let b = tasks(core.poll("b", 1, &none(), true, now));
+    let retried: Vec<_> = again
+        .iter()
+        .chain(&b)
+        .filter(|(t, _)| *t == lost_task)
+        .collect();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].1, attempt + 1);
+    // The stage still succeeds within a budget of three attempts per task.
+    for (t, a) in again {
+        core.report("a", t, a, ok());
+    }
+    for (t, a) in b {
+        core.report("b", t, a, ok());
+    }
+    assert_eq!(core.summary(&Default::default()).recovery.outputs_lost, 0);
+    assert_eq!(
+        core.outcome(1),
+        StageOutcome::Waiting,
+        "stage 2 still to run"
+    );
+    assert!(core.locations(1).is_some());
+}
+
+#[test]
+fn an_attempt_the_executor_still_holds_is_left_running() {
+    let now = Instant::now();
+    let mut core = job(now);
+    let given = tasks(core.poll("a", 2, &none(), true, now));
+    let held: BTreeSet<(TaskId, u32)> = given.iter().copied().collect();
+    assert_eq!(
+        core.poll("a", 0, &held, true, now),
+        PollAnswer::Work {
+            tasks: vec![],
+            drops: vec![]
+        }
+    );
+    assert!(
+        tasks(core.poll("b", 2, &none(), true, now)).is_empty(),
+        "nothing was put back"
+    );
+    for (t, a) in given {
+        assert!(core.report("a", t, a, ok()));
+    }
+    assert!(core.locations(1).is_some());
+}
+
+#[test]
+fn a_lost_report_is_recovered_and_the_late_one_ignored() {
+    let now = Instant::now();
+    let mut core = job(now);
+    let given = tasks(core.poll("a", 2, &none(), true, now));
+    // The executor finished the first task but its report was lost, and it forgot it.
+    let (t0, a0) = given[0];
+    let held: BTreeSet<(TaskId, u32)> = given[1..].iter().copied().collect();
+    core.poll("a", 0, &held, true, now);
+    let rerun = tasks(core.poll("b", 1, &none(), true, now));
+    assert_eq!(rerun, vec![(t0, a0 + 1)]);
+    // Should the old report turn up after all, it does not count.
+    assert!(!core.report("a", t0, a0, ok()));
+    assert!(core.report("b", t0, a0 + 1, ok()));
+    assert!(core.report("a", given[1].0, given[1].1, ok()));
+    assert_eq!(core.locations(1).unwrap()[t0.partition as usize].0, "b");
+}
+
+#[test]
+fn exactly_one_attempt_per_output_partition_commits() {
+    let now = Instant::now();
+    let mut core = job(now);
+    run_round(&mut core, "a", now);
+    let out = tasks(core.poll("b", 1, &none(), true, now));
+    let (t, first) = out[0];
+    // b's attempt is lost from view (a network partition): the task is handed to a.
+    core.poll("b", 0, &none(), true, now);
+    let second = tasks(core.poll("a", 8, &none(), true, now));
+    let retry = second.iter().find(|(x, _)| *x == t).copied().unwrap();
+    assert!(core.report("a", t, retry.1, ok()));
+    // The zombie attempt finishes later: it neither counts nor commits.
+    assert!(!core.report("b", t, first, ok()));
+    for (x, a) in second.iter().filter(|(x, _)| *x != t) {
+        core.report("a", *x, *a, ok());
+    }
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    let commits = core.commits(2);
+    assert_eq!(commits.len(), 2);
+    assert!(commits.contains(&(t.partition, retry.1)));
+}
+
+#[test]
+fn losing_the_executor_that_wrote_an_output_file_loses_nothing() {
+    let now = Instant::now();
+    let mut core = job(now);
+    run_round(&mut core, "a", now);
+    let out = tasks(core.poll("b", 1, &none(), true, now));
+    core.report("b", out[0].0, out[0].1, ok());
+    core.register("c", "c:1", now);
+    assert!(core.lose("b", LossReason::Preempted, None, now));
+    // Only the remaining output partition runs; the committed one stays committed.
+    let rest = tasks(core.poll("c", 8, &none(), true, now));
+    assert_eq!(rest.len(), 1);
+    assert_ne!(rest[0].0, out[0].0);
+    core.report("c", rest[0].0, rest[0].1, ok());
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    assert_eq!(core.commits(2).len(), 2);
+}
+
+#[test]
+fn all_executors_lost_at_once_then_replacements_finish_the_job() {
+    let now = Instant::now();
+    let mut core = job(now);
+    run_round(&mut core, "a", now);
+    tasks(core.poll("b", 8, &none(), true, now));
+    core.lose("a", LossReason::Preempted, Some(now), now);
+    core.lose("b", LossReason::Preempted, Some(now), now);
+    assert_eq!(core.live_width(), 0);
+    assert_eq!(core.outcome(2), StageOutcome::Waiting);
+    let later = now + Duration::from_secs(1);
+    core.register("c", "c:1", later);
+    core.register("d", "d:1", later);
+    let mut rounds = 0;
+    while core.outcome(2) == StageOutcome::Waiting && rounds < 5 {
+        run_round(&mut core, "c", later);
+        run_round(&mut core, "d", later);
+        rounds += 1;
+    }
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    let summary = core.summary(&Default::default());
+    assert_eq!(summary.recovery.executors_lost["Preempted"], 2);
+    assert_eq!(summary.recovery.outputs_lost, 2, "a's two map outputs");
+    assert!(
+        summary
+            .recovery
+            .losses
+            .iter()
+            .all(|l| l.full_width_ms == Some(1000))
+    );
+}
+
+#[test]
+fn a_result_partition_that_cannot_be_fetched_is_recomputed() {
+    let now = Instant::now();
+    let mut core = DriverCore::new(policy(), now);
+    core.register("a", "a:1", now);
+    core.submit("r", vec![stage(1, 2, vec![], false)], true);
+    run_round(&mut core, "a", now);
+    assert_eq!(core.outcome(1), StageOutcome::Succeeded);
+    core.result_lost(1, 1, "a");
+    assert_eq!(core.outcome(1), StageOutcome::Waiting);
+    let rerun = tasks(core.poll("a", 8, &none(), true, now));
+    assert_eq!(
+        rerun,
+        vec![(
+            TaskId {
+                stage: 1,
+                partition: 1
+            },
+            1
+        )]
+    );
+    core.report("a", rerun[0].0, rerun[0].1, ok());
+    assert_eq!(core.outcome(1), StageOutcome::Succeeded);
+    // A report of a fetch from an executor that no longer holds it changes nothing.
+    core.result_lost(1, 0, "z");
+    assert_eq!(core.outcome(1), StageOutcome::Succeeded);
+}
+
+#[test]
+fn silent_executors_expire_and_shutdown_sends_the_rest_home() {
+    let now = Instant::now();
+    let mut core = job(now);
+    let later = now + Duration::from_secs(5);
+    core.poll("a", 0, &none(), true, later);
+    assert_eq!(
+        core.expire(later, Duration::from_secs(2)),
+        vec!["b".to_string()]
+    );
+    assert_eq!(
+        core.poll("b", 1, &none(), true, later),
+        PollAnswer::UnknownExecutor
+    );
+    assert!(matches!(
+        core.register("b", "b:1", later),
+        Registration::Refused(_)
+    ));
+    core.begin_shutdown();
+    assert_eq!(
+        core.poll("a", 1, &none(), true, later),
+        PollAnswer::Shutdown
+    );
+    assert_eq!(core.live_width(), 0, "a has been told to leave");
+    let status = core.job_status();
+    assert_eq!(status.executors_lost, 1);
+    assert_eq!(status.lost_executors[0].reason, "HeartbeatTimeout");
+}
+
+#[test]
+fn a_spent_budget_fails_the_stage_the_runner_waits_for() {
+    let now = Instant::now();
+    let mut core = job(now);
+    for attempt in 0..3 {
+        let got = tasks(core.poll("a", 1, &none(), true, now));
+        assert_eq!(got[0].1, attempt);
+        core.report(
+            "a",
+            got[0].0,
+            got[0].1,
+            TaskOutcome::Failed(TaskFailure::Executor("disk full".into())),
+        );
+    }
+    match core.outcome(2) {
+        StageOutcome::Failed(f) => {
+            assert_eq!(f.reason(), kiln_api::FailureReason::TaskAttemptsExceeded)
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}

@@ -1,0 +1,255 @@
+//! The output commit protocol. Readers never see a half-written output and no attempt but
+//! one per partition ever reaches it:
+//!
+//! 1. Before any work, the location is checked: `ErrorIfExists` refuses another job's files;
+//!    an output this same job already committed (its `_SUCCESS` names the job's uid) is
+//!    kept as it is, so a restarted driver never rewrites or refuses its own output.
+//! 2. Every task attempt writes under its own staging directory,
+//!    `_temporary/<driver run>/s<stage>-p<partition>-a<attempt>/`. Paths starting with `_`
+//!    are not part of a dataset (DataFusion, Spark and Hive skip them).
+//! 3. The core lets exactly one attempt per partition commit: the first that succeeded.
+//!    Duplicates, retries that lost the race and zombies of a lost executor stay in staging.
+//! 4. Job commit, once the output stage is complete: `_SUCCESS` goes first (readers wait
+//!    for it), then, for `Overwrite`, the previous output's part files; then each committed
+//!    attempt's file moves to `part-NNNNN.<ext>`; the staging directory is removed; `_SUCCESS`
+//!    is written last, naming the job.
+use std::sync::Arc;
+
+use datafusion::datasource::listing::ListingTableUrl;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use kiln_api::{OutputSpec, WriteMode};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{STAGING_DIR, StagedAttempt, part_file_name};
+use crate::summary::OutputSummary;
+use crate::{Error, Result};
+
+/// The marker a committed output ends with.
+pub const SUCCESS_FILE: &str = "_SUCCESS";
+
+/// What `_SUCCESS` says: whose output this is and what it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SuccessMarker {
+    /// The job that committed it (a ComputeJob's uid, or a local run's id).
+    job_uid: String,
+    /// Rows written.
+    rows: u64,
+    /// Part files.
+    files: Vec<String>,
+}
+
+/// The job's output location and how to commit into it.
+pub(crate) struct OutputCommit {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    dir_uri: String,
+    spec: OutputSpec,
+    /// This driver run: staging directories are under it.
+    run_id: String,
+    /// The job across driver runs: `_SUCCESS` names it.
+    job_uid: String,
+}
+
+/// What the location holds before the job writes.
+pub(crate) enum Prepared {
+    /// Write and commit.
+    Ready(OutputCommit),
+    /// This job committed its output already (a restarted driver): nothing to do.
+    Committed(OutputSummary),
+}
+
+fn write_err(uri: &str) -> impl FnOnce(object_store::Error) -> Error + '_ {
+    move |source| Error::WriteOutput {
+        uri: uri.to_string(),
+        source,
+    }
+}
+
+fn dir_uri(uri: &str) -> String {
+    if uri.ends_with('/') {
+        uri.to_string()
+    } else {
+        format!("{uri}/")
+    }
+}
+
+impl OutputCommit {
+    /// Opens the output location and applies the write mode before any work runs.
+    pub async fn prepare(
+        ctx: &SessionContext,
+        spec: &OutputSpec,
+        run_id: &str,
+        job_uid: &str,
+    ) -> Result<Prepared> {
+        let dir_uri = dir_uri(&spec.uri);
+        let url = ListingTableUrl::parse(&dir_uri).map_err(|e| Error::InvalidUri {
+            uri: dir_uri.clone(),
+            reason: e.to_string(),
+        })?;
+        let store = ctx.runtime_env().object_store(url.object_store())?;
+        let commit = OutputCommit {
+            store,
+            prefix: url.prefix().clone(),
+            dir_uri,
+            spec: spec.clone(),
+            run_id: run_id.to_string(),
+            job_uid: job_uid.to_string(),
+        };
+        if let Some(marker) = commit.marker().await?
+            && marker.job_uid == job_uid
+        {
+            tracing::info!(uri = %spec.uri, "the output was committed by this job already; kept as it is");
+            return Ok(Prepared::Committed(OutputSummary {
+                uri: spec.uri.clone(),
+                rows: marker.rows,
+                files: marker.files.len() as u64,
+            }));
+        }
+        if spec.mode == WriteMode::ErrorIfExists && !commit.output_files().await?.is_empty() {
+            return Err(Error::OutputExists {
+                uri: spec.uri.clone(),
+            });
+        }
+        Ok(Prepared::Ready(commit))
+    }
+
+    /// The output directory's URI, ending in `/`.
+    pub fn dir_uri(&self) -> &str {
+        &self.dir_uri
+    }
+
+    /// Commits the output: moves the one committed attempt of each partition into place and
+    /// writes `_SUCCESS` last. `committed` is `(partition, attempt)` from the core.
+    pub async fn commit(
+        &self,
+        stage: u32,
+        committed: &[(u32, u32)],
+        rows: u64,
+    ) -> Result<OutputSummary> {
+        let uri = self.spec.uri.as_str();
+        let success = self.prefix.clone().join(SUCCESS_FILE);
+        match self.store.delete(&success).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(write_err(uri)(e)),
+        }
+        if self.spec.mode == WriteMode::Overwrite {
+            for old in self.output_files().await? {
+                self.store.delete(&old).await.map_err(write_err(uri))?;
+            }
+        }
+        let mut files = Vec::new();
+        for &(partition, attempt) in committed {
+            let name = part_file_name(partition as usize, self.spec.format);
+            let from = StagedAttempt {
+                run_id: self.run_id.clone(),
+                stage,
+                attempt,
+            }
+            .dir(&self.prefix, partition)
+            .join(name.as_str());
+            match self
+                .store
+                .rename(&from, &self.prefix.clone().join(name.as_str()))
+                .await
+            {
+                Ok(()) => files.push(name),
+                // An empty partition writes no file.
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(write_err(uri)(e)),
+            }
+        }
+        self.remove_staging().await?;
+        let marker = SuccessMarker {
+            job_uid: self.job_uid.clone(),
+            rows,
+            files: files.clone(),
+        };
+        let body = serde_json::to_vec(&marker).map_err(|e| Error::Driver(e.to_string()))?;
+        self.store
+            .put(&success, PutPayload::from(body))
+            .await
+            .map_err(write_err(uri))?;
+        Ok(OutputSummary {
+            uri: self.spec.uri.clone(),
+            rows,
+            files: files.len() as u64,
+        })
+    }
+
+    /// The `_SUCCESS` marker, if there is one that Kiln wrote.
+    async fn marker(&self) -> Result<Option<SuccessMarker>> {
+        let path = self.prefix.clone().join(SUCCESS_FILE);
+        match self.store.get(&path).await {
+            Ok(got) => {
+                let bytes = got.bytes().await.map_err(write_err(&self.spec.uri))?;
+                Ok(serde_json::from_slice(&bytes).ok())
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(write_err(&self.spec.uri)(e)),
+        }
+    }
+
+    /// The output's own files directly under the location: part files and `_SUCCESS`.
+    async fn output_files(&self) -> Result<Vec<Path>> {
+        let listed: Vec<object_store::ObjectMeta> =
+            match self.store.list(Some(&self.prefix)).try_collect().await {
+                Ok(v) => v,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(write_err(&self.spec.uri)(e)),
+            };
+        Ok(listed
+            .into_iter()
+            .filter(|meta| {
+                let direct = meta
+                    .location
+                    .prefix_match(&self.prefix)
+                    .is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none());
+                let name = meta.location.filename().unwrap_or_default();
+                direct && (name.starts_with("part-") || name == SUCCESS_FILE)
+            })
+            .map(|meta| meta.location)
+            .collect())
+    }
+
+    /// Removes this run's staging directory: attempts that did not commit go with it.
+    async fn remove_staging(&self) -> Result<()> {
+        let staging = self
+            .prefix
+            .clone()
+            .join(STAGING_DIR)
+            .join(self.run_id.as_str());
+        let leftovers: Vec<object_store::ObjectMeta> =
+            match self.store.list(Some(&staging)).try_collect().await {
+                Ok(v) => v,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(write_err(&self.spec.uri)(e)),
+            };
+        for meta in leftovers {
+            match self.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(write_err(&self.spec.uri)(e)),
+            }
+        }
+        // A local filesystem keeps empty directories behind; object stores have none.
+        if let Ok(url) = ListingTableUrl::parse(&self.dir_uri)
+            && url.scheme() == "file"
+            && let Ok(dir) = url::Url::parse(url.as_str())
+                .map_err(drop)
+                .and_then(|u| u.to_file_path())
+        {
+            let staging_dir = dir.join(STAGING_DIR);
+            let _ = std::fs::remove_dir_all(staging_dir.join(&self.run_id));
+            // Only when no other run (a zombie driver's) still stages there.
+            let _ = std::fs::remove_dir(&staging_dir);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "output_tests.rs"]
+mod tests;

@@ -1,0 +1,215 @@
+//! Output written exactly once, and no lost message hangs a job: an executor killed while it
+//! writes the output, every executor lost at once, task reports dropped on the wire or lost
+//! outright (the executor's fault hook), all through `kiln run` with real executor processes.
+//!
+//! Tests in this file run one at a time, like the recovery tests: several jobs of executor
+//! processes at once on a 2-core machine would make heartbeats late for no reason.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use datafusion::arrow::array::RecordBatch;
+use serde_json::Value;
+
+const EXECUTORS: u32 = 3;
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The wordcount example counting every word over a shuffle of eight partitions, writing
+/// Parquet to `out`.
+fn wordcount_job(out: &Path) -> serde_yaml::Value {
+    let root = workspace_root().join("examples/wordcount");
+    let text = std::fs::read_to_string(root.join("job.yaml")).expect("read the wordcount job");
+    let mut job: serde_yaml::Value = serde_yaml::from_str(&text).expect("wordcount job yaml");
+    job["inputs"][0]["uri"] = format!("{}/", root.join("corpus").display()).into();
+    job["shufflePartitions"] = 8.into();
+    // Every word, not the top twenty: the output stage then has a task per partition.
+    job["steps"][1]["sql"] = "SELECT word, count(*) AS n FROM words GROUP BY word".into();
+    job["failurePolicy"] =
+        serde_yaml::to_value(serde_json::json!({"heartbeatTimeoutSeconds": 3})).expect("yaml");
+    job["output"] = serde_yaml::to_value(serde_json::json!({
+        "uri": out.display().to_string(),
+        "format": "parquet",
+    }))
+    .expect("yaml");
+    job
+}
+
+/// Runs `job` and checks it committed its output exactly once: `_SUCCESS` naming the job,
+/// one part file per file the summary counted, nothing else; returns the summary and rows.
+fn run_committed(
+    dir: &Path,
+    job: &serde_yaml::Value,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    what: &str,
+) -> (Value, Vec<RecordBatch>) {
+    let run = run_job_with_env(dir, job, EXECUTORS, extra, envs, TIMEOUT);
+    let summary = run.expect_success(what).clone();
+    let out = Path::new(job["output"]["uri"].as_str().expect("an output uri"));
+    let parts = check_output_layout(out).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        parts as i64,
+        summary_int(&summary, "/output/files"),
+        "{what}: part files on disk against the summary"
+    );
+    let marker: Value =
+        serde_json::from_slice(&std::fs::read(out.join("_SUCCESS")).expect("read _SUCCESS"))
+            .unwrap_or_else(|e| panic!("{what}: _SUCCESS is not the commit marker: {e}"));
+    assert_eq!(
+        marker["files"].as_array().map(Vec::len),
+        Some(parts),
+        "{what}: {marker}"
+    );
+    let batches = runtime()
+        .block_on(read_parquet_dir(out))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        row_count(&batches) as i64,
+        summary_int(&summary, "/output/rows"),
+        "{what}: rows read back against the summary"
+    );
+    (summary, batches)
+}
+
+/// The id of the job's output stage (the last one).
+fn output_stage(summary: &Value) -> i64 {
+    summary["stages"]
+        .as_array()
+        .and_then(|s| s.last())
+        .and_then(|s| s["id"].as_i64())
+        .unwrap_or_else(|| panic!("summary has no stages: {summary}"))
+}
+
+#[test]
+fn an_executor_killed_during_the_output_write_leaves_one_complete_output() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (summary, baseline) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("base")),
+        &[],
+        &[],
+        "wordcount",
+    );
+    let sink = output_stage(&summary).to_string();
+    // Half of the output tasks done: the victim may be writing its next part file.
+    let chaos = format!("stage={sink},at=50%");
+    let job = wordcount_job(&dir.path().join("killed"));
+    let (summary, batches) = run_committed(
+        dir.path(),
+        &job,
+        &["--chaos", &chaos, "--chaos-seed", "11"],
+        &[],
+        "wordcount with an executor killed in the output stage",
+    );
+    assert_eq!(
+        summary["recovery"]["losses"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
+    if let Some(diff) = diff_row_sets(&baseline, &batches) {
+        panic!("the output differs from the no-failure run:\n{diff}");
+    }
+    // Running it again over its own committed output (Overwrite) commits a fresh one.
+    let (_, again) = run_committed(dir.path(), &job, &[], &[], "wordcount again, overwriting");
+    assert!(diff_row_sets(&baseline, &again).is_none());
+}
+
+#[test]
+fn every_executor_lost_at_once_costs_the_job_nothing_but_time() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_, baseline) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("base")),
+        &[],
+        &[],
+        "wordcount",
+    );
+    let kills: Vec<String> = (0..EXECUTORS)
+        .map(|i| format!("after-stage=1,executor=exec-{i}"))
+        .collect();
+    let mut extra = Vec::new();
+    for k in &kills {
+        extra.extend(["--chaos", k.as_str()]);
+    }
+    let (summary, batches) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("all-lost")),
+        &extra,
+        &[],
+        "wordcount losing every executor at once",
+    );
+    assert_eq!(
+        summary["recovery"]["losses"].as_array().map(Vec::len),
+        Some(EXECUTORS as usize),
+        "{summary}"
+    );
+    if let Some(diff) = diff_row_sets(&baseline, &batches) {
+        panic!("the output differs from the no-failure run:\n{diff}");
+    }
+}
+
+#[test]
+fn dropped_and_lost_task_reports_do_not_hang_the_job() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (base, baseline) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("base")),
+        &[],
+        &[],
+        "wordcount",
+    );
+    // Each executor drops its first three report sends (sent again until acknowledged) and
+    // loses one report outright (only the driver's reconciliation of polls can notice).
+    let (summary, batches) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("faults")),
+        &[],
+        &[("KILN_FAULTS", "drop-report=3,lose-report=1")],
+        "wordcount with reports dropped and lost",
+    );
+    if let Some(diff) = diff_row_sets(&baseline, &batches) {
+        panic!("the output differs from the no-failure run:\n{diff}");
+    }
+    let tasks = summary_int(&summary, "/totals/tasks");
+    let attempts = summary_int(&summary, "/totals/attempts");
+    assert_eq!(tasks, summary_int(&base, "/totals/tasks"));
+    assert!(
+        attempts > tasks,
+        "a lost report must have been rerun: {attempts} attempts for {tasks} tasks"
+    );
+    assert_eq!(
+        summary["recovery"]["losses"].as_array().map(Vec::len),
+        Some(0),
+        "lost messages are not lost executors: {summary}"
+    );
+}
+
+#[test]
+fn a_result_bigger_than_max_result_bytes_fails_the_job_and_says_which_field() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut job = wordcount_job(&dir.path().join("unused"));
+    job.as_mapping_mut().expect("a mapping").remove("output");
+    job["maxResultBytes"] = "1Ki".into();
+    let run = run_job_with_env(dir.path(), &job, EXECUTORS, &[], &[], TIMEOUT);
+    assert!(!run.output.status.success(), "the job must fail");
+    let stderr = String::from_utf8_lossy(&run.output.stderr);
+    assert!(
+        stderr.contains("maxResultBytes"),
+        "the error names the field: {}",
+        tail(&stderr, 10)
+    );
+}
