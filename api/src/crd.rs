@@ -97,7 +97,7 @@ pub struct ComputeJobStatus {
     /// The executor pods: how many are wanted, running and were lost.
     #[serde(default)]
     pub executors: ExecutorsStatus,
-    /// What recovering from lost executors cost.
+    /// What recovering from lost executors and drivers cost.
     #[serde(default)]
     pub recovery: RecoveryStatus,
     /// The driver pod's attempts.
@@ -155,7 +155,8 @@ pub struct ExecutorsStatus {
     /// fails as crash-looping when it reaches the operator's limit.
     #[serde(default)]
     pub consecutive_crashes: u32,
-    /// The executor pods of the current driver attempt.
+    /// The executor pods the operator tracks for the job; a replacement driver takes over those
+    /// still running.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pods: Vec<String>,
     /// The number the next executor pod gets (`<job>-exec-<n>`): replacements never reuse a
@@ -167,7 +168,7 @@ pub struct ExecutorsStatus {
     pub summary: String,
 }
 
-/// What recovering from lost executors cost.
+/// What recovering from lost executors and drivers cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryStatus {
@@ -183,6 +184,13 @@ pub struct RecoveryStatus {
     /// When the operator handled that loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_loss_time: Option<Time>,
+    /// Driver pods lost so far; each replacement driver took over the executors and the
+    /// blocks they held.
+    #[serde(default)]
+    pub driver_losses: u32,
+    /// Stages replacement drivers took over complete, without rerunning them.
+    #[serde(default)]
+    pub stages_resumed: u64,
 }
 
 /// The driver pod's attempts.
@@ -193,7 +201,8 @@ pub struct DriverStatus {
     /// pod, after a loss or a resume, gets the next number.
     #[serde(default)]
     pub attempt: u32,
-    /// Driver pods lost and recreated (each reruns the job from the start).
+    /// Driver pods lost and recreated; each replacement takes the executors over, with the
+    /// outputs they hold, and resumes the job.
     #[serde(default)]
     pub restarts: u32,
 }

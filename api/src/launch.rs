@@ -24,6 +24,9 @@ pub const ENV_JOB_UID: &str = "KILN_JOB_UID";
 pub const ENV_FAULTS: &str = "KILN_FAULTS";
 /// Port of the driver's control service.
 pub const DRIVER_PORT: u16 = 7077;
+/// Port of an executor's block service in a pod: fixed, so that a replacement driver can
+/// reach the executors of the driver it replaces at their pod IPs.
+pub const EXECUTOR_PORT: u16 = 7078;
 /// Where an executor serves blocks unless told otherwise.
 pub const DEFAULT_EXECUTOR_HOST: &str = "0.0.0.0";
 /// An executor's work directory unless told otherwise.
@@ -61,6 +64,14 @@ pub struct DriverLaunch {
     /// names it is this job's own (default: a fresh id for this run).
     #[arg(long, env = ENV_JOB_UID)]
     pub job_uid: Option<String>,
+    /// This driver's attempt, counting from 1: a replacement driver has a higher one, and
+    /// executors follow only the highest they have seen (an older driver is fenced off).
+    #[arg(long, default_value_t = 1)]
+    pub epoch: u64,
+    /// Block-service addresses (`host:port`, comma-separated) of executors an earlier driver
+    /// of this job left behind: this driver takes them over, with the blocks they hold.
+    #[arg(long, value_delimiter = ',')]
+    pub attach: Vec<String>,
 }
 
 /// How `kiln executor` is started.
@@ -75,6 +86,9 @@ pub struct ExecutorLaunch {
     /// Address to serve blocks on.
     #[arg(long, default_value = DEFAULT_EXECUTOR_HOST)]
     pub host: String,
+    /// Port to serve blocks on (0: any free port; pods use [`EXECUTOR_PORT`]).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
     /// Address other executors reach this one at (default: --host).
     #[arg(long, env = ENV_ADVERTISE_HOST)]
     pub advertise_host: Option<String>,
@@ -133,6 +147,12 @@ impl DriverLaunch {
         if let Some(uid) = &self.job_uid {
             args.push(flag("job-uid", uid));
         }
+        if self.epoch != 1 {
+            args.push(flag("epoch", self.epoch));
+        }
+        if !self.attach.is_empty() {
+            args.push(flag("attach", self.attach.join(",")));
+        }
         args
     }
 
@@ -171,6 +191,9 @@ impl ExecutorLaunch {
             flag("id", &self.id),
             flag("host", &self.host),
         ];
+        if self.port != 0 {
+            args.push(flag("port", self.port));
+        }
         if let Some(h) = &self.advertise_host {
             args.push(flag("advertise-host", h));
         }
@@ -224,6 +247,8 @@ impl fmt::Debug for DriverLaunch {
             .field("summary", &self.summary)
             .field("termination_message", &self.termination_message)
             .field("job_uid", &self.job_uid)
+            .field("epoch", &self.epoch)
+            .field("attach", &self.attach)
             .finish()
     }
 }
@@ -235,6 +260,7 @@ impl fmt::Debug for ExecutorLaunch {
             .field("driver", &self.driver)
             .field("id", &self.id)
             .field("host", &self.host)
+            .field("port", &self.port)
             .field("advertise_host", &self.advertise_host)
             .field("slots", &self.slots)
             .field("memory", &self.memory)
@@ -274,6 +300,8 @@ mod tests {
             summary: None,
             termination_message: None,
             job_uid: None,
+            epoch: 1,
+            attach: Vec::new(),
         }
     }
 
@@ -282,6 +310,7 @@ mod tests {
             driver: "http://10.0.0.1:7077".into(),
             id: "wc-exec-0".into(),
             host: DEFAULT_EXECUTOR_HOST.into(),
+            port: 0,
             advertise_host: None,
             slots: None,
             memory: None,
@@ -300,6 +329,8 @@ mod tests {
             summary: Some("/tmp/summary.json".into()),
             termination_message: Some("/dev/termination-log".into()),
             job_uid: Some("6f1c-uid".into()),
+            epoch: 3,
+            attach: vec!["10.244.1.7:7078".into(), "10.244.2.9:7078".into()],
             ..driver()
         };
         for l in [driver(), all] {
@@ -315,6 +346,7 @@ mod tests {
     fn executor_launches_round_trip_through_the_cli() {
         let all = ExecutorLaunch {
             host: "127.0.0.1".into(),
+            port: EXECUTOR_PORT,
             advertise_host: Some("10.244.1.7".into()),
             slots: Some(3),
             memory: Some("4Gi".into()),

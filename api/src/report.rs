@@ -48,6 +48,12 @@ pub struct DriverReport {
     /// Where the output went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_uri: Option<String>,
+    /// Driver losses the job survived (replacement drivers that took over).
+    #[serde(default)]
+    pub driver_losses: u32,
+    /// Stages replacement drivers took over complete, without rerunning them.
+    #[serde(default)]
+    pub stages_resumed: u64,
 }
 
 /// Reads a failure reason, taking a name this version does not know for `Internal`.

@@ -442,6 +442,24 @@ pub struct FailurePolicy {
     #[serde(default = "default_heartbeat_timeout")]
     #[schemars(range(min = 1, max = 3600))]
     pub heartbeat_timeout_seconds: u32,
+    /// Seconds executors wait, holding their blocks, for a replacement driver after theirs
+    /// went silent, before they exit. A replacement driver pod must start within this for
+    /// the job to resume instead of recomputing what the executors held. Never less than
+    /// `heartbeatTimeoutSeconds`.
+    #[serde(default = "default_driver_grace")]
+    #[schemars(range(max = 3600))]
+    pub driver_grace_seconds: u32,
+}
+
+impl FailurePolicy {
+    /// How long an executor waits for a driver (its own or a replacement) before it exits.
+    pub fn driver_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.driver_grace_seconds
+                .max(self.heartbeat_timeout_seconds)
+                .into(),
+        )
+    }
 }
 
 impl Default for FailurePolicy {
@@ -451,6 +469,7 @@ impl Default for FailurePolicy {
             max_stage_attempts: default_stage_attempts(),
             max_executor_losses: default_executor_losses(),
             heartbeat_timeout_seconds: default_heartbeat_timeout(),
+            driver_grace_seconds: default_driver_grace(),
         }
     }
 }
@@ -544,4 +563,8 @@ fn default_executor_losses() -> u32 {
 }
 fn default_heartbeat_timeout() -> u32 {
     10
+}
+
+fn default_driver_grace() -> u32 {
+    60
 }

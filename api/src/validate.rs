@@ -5,6 +5,9 @@ use crate::{InputFormat, JobSpec, MAX_EXECUTORS, MAX_ITERATIONS, parse_cpu, pars
 
 /// Environment variables the operator sets on job pods; a pod template may not set them.
 pub const RESERVED_ENV_PREFIX: &str = "KILN_";
+/// The one `KILN_` variable a template may set: faults an executor injects for tests
+/// (`KILN_FAULTS`), which the operator never sets.
+const TEMPLATE_ENV_ALLOWED: &str = crate::launch::ENV_FAULTS;
 /// Mount paths the operator uses in job pods (the job spec, scratch space).
 pub const RESERVED_MOUNT_PATHS: [&str; 2] = ["/etc/kiln", "/tmp"];
 
@@ -99,6 +102,12 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
             "must be between 1 and 3600".into(),
         );
     }
+    if fp.driver_grace_seconds > 3600 {
+        err(
+            "failurePolicy.driverGraceSeconds".into(),
+            "must be at most 3600".into(),
+        );
+    }
 
     let mut names = HashSet::new();
     for (i, input) in spec.inputs.iter().enumerate() {
@@ -191,7 +200,7 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
         ("executors", &spec.executors.template),
     ] {
         for (i, var) in template.env.iter().enumerate() {
-            if var.name.starts_with(RESERVED_ENV_PREFIX) {
+            if var.name.starts_with(RESERVED_ENV_PREFIX) && var.name != TEMPLATE_ENV_ALLOWED {
                 err(
                     format!("{role}.template.env[{i}].name"),
                     format!(
@@ -332,7 +341,8 @@ mod tests {
     fn pod_templates_may_not_take_the_operators_names() {
         let mut spec = job();
         let t: crate::PodTemplate = serde_json::from_value(serde_json::json!({
-            "env": [{"name": "AWS_REGION", "value": "x"}, {"name": "KILN_TOKEN", "value": "x"}],
+            "env": [{"name": "AWS_REGION", "value": "x"}, {"name": "KILN_TOKEN", "value": "x"},
+                    {"name": "KILN_FAULTS", "value": "task-delay=5"}],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "c"}}],
             "volumeMounts": [{"name": "data", "mountPath": "/data"},
                              {"name": "data", "mountPath": "/tmp/"},

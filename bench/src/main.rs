@@ -114,7 +114,7 @@ fn ensure_data(kiln: &Path, scale: f64, data: &Path) -> Result<()> {
 
 fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Box<dyn Peer>> {
     Ok(match name {
-        "kiln" | "kiln-kill" | "kiln-rerun" => Box::new(KilnPeer::new(
+        "kiln" | "kiln-kill" | "kiln-rerun" | "kiln-driver-kill" => Box::new(KilnPeer::new(
             kiln,
             data,
             args.executors,
@@ -122,11 +122,14 @@ fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Bo
             match name {
                 "kiln-kill" => Failure::Kill,
                 "kiln-rerun" => Failure::Rerun,
+                "kiln-driver-kill" => Failure::DriverKill,
                 _ => Failure::None,
             },
         )),
         "datafusion" => Box::new(DataFusionPeer::new(data)?),
-        other => bail!("unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, datafusion)"),
+        other => bail!(
+            "unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, kiln-driver-kill, datafusion)"
+        ),
     })
 }
 

@@ -50,12 +50,18 @@ pub enum Failure {
     /// first shuffle stage is done; Kiln recomputes what it held.
     Kill,
     /// The same kill with `maxExecutorLosses: 0`, so the job fails; then it reruns from
-    /// scratch. The time is both runs: what a loss costs without lineage recovery.
+    /// scratch. The time is both runs: what a loss costs without lineage recovery (and what
+    /// losing the driver cost before replacement drivers took the executors over).
     Rerun,
+    /// The driver is killed once half of the first shuffle stage is done; a replacement
+    /// takes the executors and their outputs over.
+    DriverKill,
 }
 
 /// The chaos event of [`Failure::Kill`] and [`Failure::Rerun`].
 const KILL_AT_HALF: &str = "at=50%,executor=busiest";
+/// The chaos event of [`Failure::DriverKill`].
+const DRIVER_KILL_AT_HALF: &str = "driver,at=50%";
 
 /// Kiln through its CLI: `kiln run job.yaml --executors N`, one process per query, writing
 /// Parquet to a temporary directory. The time is the whole command, from start to exit,
@@ -151,6 +157,7 @@ impl Peer for KilnPeer {
             Failure::None => "kiln",
             Failure::Kill => "kiln-kill",
             Failure::Rerun => "kiln-rerun",
+            Failure::DriverKill => "kiln-driver-kill",
         }
     }
 
@@ -162,6 +169,7 @@ impl Peer for KilnPeer {
         let (output, summary) = match self.failure {
             Failure::None => self.run_once(query, &dir, 20, None)?,
             Failure::Kill => self.run_once(query, &dir, 20, Some(KILL_AT_HALF))?,
+            Failure::DriverKill => self.run_once(query, &dir, 20, Some(DRIVER_KILL_AT_HALF))?,
             Failure::Rerun => {
                 let (first, _) = self.run_once(query, &dir, 0, Some(KILL_AT_HALF))?;
                 if first.status.success() {

@@ -115,6 +115,12 @@ pub enum Error {
         uri: String,
         source: object_store::Error,
     },
+    /// A driver found, at its job commit, that a replacement of a later epoch prepared the
+    /// same output: it was taken over and must not commit.
+    #[error(
+        "driver epoch {epoch} was replaced by epoch {newer}: its commit into `{uri}` is refused"
+    )]
+    Fenced { uri: String, epoch: u64, newer: u64 },
     /// A job without `output` returned more than `maxResultBytes`.
     #[error(
         "the result of step `{step}` is larger than maxResultBytes ({limit} bytes): write it to an `output` instead"
@@ -150,6 +156,7 @@ impl Error {
             Error::PlanStep { .. } | Error::Until { .. } => FailureReason::InvalidSql,
             Error::OutputExists { .. } => FailureReason::OutputExists,
             Error::WriteOutput { .. } => FailureReason::OutputWriteFailed,
+            Error::Fenced { .. } => FailureReason::DriverLost,
             Error::ResultTooLarge { .. } => FailureReason::ResultTooLarge,
             Error::JobFailed { failure } => failure.reason(),
             Error::FetchFailed { .. }

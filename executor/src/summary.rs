@@ -136,6 +136,10 @@ pub struct RecoverySummary {
     /// Needed outputs lost over the job (by losses and failed fetches); each is recomputed
     /// once, so `totals.recomputed` equals this for a job that succeeded.
     pub outputs_lost: u64,
+    /// Driver losses the job survived (replacement drivers that took over).
+    pub driver_losses: u32,
+    /// Stages replacement drivers took over complete, without rerunning them.
+    pub stages_resumed: u64,
 }
 
 /// The summary of one job run.
@@ -179,6 +183,8 @@ impl JobSummary {
             rows: self.output.as_ref().map_or(0, |o| o.rows),
             files: self.output.as_ref().map_or(0, |o| o.files),
             output_uri: self.output.as_ref().map(|o| o.uri.clone()),
+            driver_losses: self.recovery.driver_losses,
+            stages_resumed: self.recovery.stages_resumed,
         }
     }
 }

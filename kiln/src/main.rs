@@ -142,6 +142,8 @@ async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
                     .unwrap_or(spec.failure_policy.heartbeat_timeout_seconds.into()),
             ),
             job_uid: args.job_uid,
+            epoch: args.epoch,
+            attach: args.attach,
         },
     )
     .await;
@@ -199,6 +201,7 @@ async fn executor(args: ExecutorLaunch) -> anyhow::Result<std::process::ExitCode
         driver: args.driver,
         executor_id: args.id,
         bind_host: args.host,
+        port: args.port,
         advertise_host: args.advertise_host,
         slots: args.slots,
         memory,

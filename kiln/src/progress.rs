@@ -29,11 +29,15 @@ impl ProgressBars {
                         tasks,
                         ..
                     }) => {
-                        let bar = multi.add(ProgressBar::new(tasks as u64));
+                        // A replacement driver submits the stages again: one bar each.
+                        let bar = bars
+                            .entry(stage)
+                            .or_insert_with(|| multi.add(ProgressBar::new(tasks as u64)));
+                        bar.reset();
+                        bar.set_length(tasks as u64);
                         bar.set_style(style.clone());
                         bar.set_prefix(format!("stage {stage}"));
                         bar.set_message(format!("{step}: {description}"));
-                        bars.insert(stage, bar);
                     }
                     Ok(Progress::TaskDone { stage, done, .. }) => {
                         if let Some(b) = bars.get(&stage) {
@@ -48,6 +52,12 @@ impl ProgressBars {
                     }
                     Ok(Progress::ExecutorLost { executor, reason }) => {
                         let _ = multi.println(format!("executor {executor} lost ({reason})"));
+                    }
+                    Ok(Progress::StageResumed { stage }) => {
+                        if let Some(b) = bars.get(&stage) {
+                            b.set_position(b.length().unwrap_or(0));
+                            b.finish_with_message(format!("{} (taken over)", b.message()));
+                        }
                     }
                     Ok(Progress::ExecutorRegistered { .. }) => {}
                     Ok(Progress::Iteration {

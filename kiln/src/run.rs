@@ -206,10 +206,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             work.path().to_path_buf(),
         )
     };
-    let cluster = LocalCluster::start(&spec, &options).await?;
-    let bars = (!args.quiet).then(|| ProgressBars::spawn(cluster.driver().subscribe()));
+    let mut cluster = LocalCluster::start(&spec, &options).await?;
+    let bars = (!args.quiet).then(|| ProgressBars::spawn(cluster.subscribe()));
     let outcome = tokio::select! {
-        outcome = cluster.driver().run(&spec) => outcome,
+        outcome = cluster.run(&spec) => outcome,
         () = kiln_operator::shutdown_signal() => {
             // Stop the executors and remove the work folder rather than leave them behind.
             if let Some(b) = bars {
@@ -226,7 +226,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (summary, result) = match outcome {
         Ok(o) => (o.summary.clone(), Ok(o)),
         Err(e) => {
-            let mut s = cluster.driver().summary(&spec);
+            let mut s = cluster.summary(&spec);
             s.error = Some(e.to_string());
             (s, Err(e))
         }

@@ -1,6 +1,7 @@
 //! Output written exactly once, and no lost message hangs a job: an executor killed while it
-//! writes the output, every executor lost at once, task reports dropped on the wire or lost
-//! outright (the executor's fault hook), all through `kiln run` with real executor processes.
+//! writes the output, the driver killed (twice) and replaced, every executor lost at once,
+//! task reports dropped on the wire or lost outright (the executor's fault hook), all
+//! through `kiln run` with real executor processes.
 //!
 //! Tests in this file run one at a time, like the recovery tests: several jobs of executor
 //! processes at once on a 2-core machine would make heartbeats late for no reason.
@@ -123,6 +124,58 @@ fn an_executor_killed_during_the_output_write_leaves_one_complete_output() {
     // Running it again over its own committed output (Overwrite) commits a fresh one.
     let (_, again) = run_committed(dir.path(), &job, &[], &[], "wordcount again, overwriting");
     assert!(diff_row_sets(&baseline, &again).is_none());
+}
+
+#[test]
+fn a_driver_killed_twice_is_replaced_and_the_job_resumes_instead_of_rerunning() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (base, baseline) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("base")),
+        &[],
+        &[],
+        "wordcount",
+    );
+    let sink = output_stage(&base);
+    // Once the map stage is done, and again with half of the output committed.
+    let mid_output = format!("driver,stage={sink},at=50%");
+    let (summary, batches) = run_committed(
+        dir.path(),
+        &wordcount_job(&dir.path().join("driver-lost")),
+        &[
+            "--chaos",
+            "driver,after-stage=1",
+            "--chaos",
+            &mid_output,
+            "--chaos-seed",
+            "3",
+        ],
+        &[],
+        "wordcount losing its driver twice",
+    );
+    if let Some(diff) = diff_row_sets(&baseline, &batches) {
+        panic!("the output differs from the no-failure run:\n{diff}");
+    }
+    assert_eq!(
+        summary_int(&summary, "/recovery/driverLosses"),
+        2,
+        "{summary}"
+    );
+    assert!(
+        summary_int(&summary, "/recovery/stagesResumed") >= 1,
+        "the map stage is taken over, not rerun: {summary}"
+    );
+    // The last driver ran only what was not done: fewer attempts than the whole job.
+    assert!(
+        summary_int(&summary, "/totals/attempts") < summary_int(&base, "/totals/tasks"),
+        "{summary}"
+    );
+    assert!(
+        summary["recovery"]["losses"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
 }
 
 #[test]

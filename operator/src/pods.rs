@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kiln_api::crd::{LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
 use kiln_api::launch::{
     DEFAULT_EXECUTOR_HOST, DRIVER_PORT, DriverLaunch, ENV_ADVERTISE_HOST, ENV_JOB_UID, ENV_TOKEN,
-    ExecutorLaunch, default_driver_bind,
+    EXECUTOR_PORT, ExecutorLaunch, default_driver_bind,
 };
 use kiln_api::{ComputeJob, Placement, PodTemplate};
 use kube::ResourceExt;
@@ -43,6 +43,46 @@ pub const SPILL_SUB_PATH: &str = "kiln-work/spill";
 pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 /// The unprivileged user and group job containers run as.
 pub const RUN_AS_USER: i64 = 65532;
+/// Annotation on a replacement driver pod: how many executors it was handed to take over.
+pub const ANNOTATION_ATTACHED: &str = "kiln.dev/attached-executors";
+/// Annotation on a replacement driver pod: the job's resumed-stage count (over its earlier
+/// driver losses) when the pod was created, so that a larger count this driver reports is
+/// known to be its own.
+pub const ANNOTATION_RESUMED_BEFORE: &str = "kiln.dev/stages-resumed-before";
+
+/// What a replacement driver pod takes over from the driver it replaces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Takeover {
+    /// Block-service addresses (`<pod IP>:<EXECUTOR_PORT>`) of the executors an earlier
+    /// driver left running: the new driver attaches to them and adopts their blocks.
+    pub attach: Vec<String>,
+    /// Stages resumed over the job's earlier driver losses when this driver was created.
+    pub stages_resumed_before: u64,
+}
+
+impl Takeover {
+    /// What the replacement driver pod `pod` records of its takeover: how many executors it
+    /// was handed and the resumed-stage count before it (None for a first driver, or the
+    /// first after a resume).
+    pub fn recorded(pod: &Pod) -> Option<(u64, u64)> {
+        let annotations = pod.metadata.annotations.as_ref()?;
+        let before = annotations.get(ANNOTATION_RESUMED_BEFORE)?.parse().ok()?;
+        let attached = annotations
+            .get(ANNOTATION_ATTACHED)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Some((attached, before))
+    }
+}
+
+/// The block-service address of an executor pod at `ip`, as a replacement driver reaches it.
+pub fn executor_address(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{EXECUTOR_PORT}")
+    } else {
+        format!("{ip}:{EXECUTOR_PORT}")
+    }
+}
 
 /// What the builders need besides the job: the operator's configuration and the image.
 #[derive(Clone, Copy)]
@@ -194,6 +234,7 @@ struct Role<'a> {
     name: &'static str,
     pod_name: String,
     extra_labels: Vec<(&'static str, String)>,
+    extra_annotations: Vec<(&'static str, String)>,
     template: &'a PodTemplate,
     affinity: NodeAffinity,
     tolerations: Vec<Toleration>,
@@ -219,7 +260,13 @@ fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
             .map(|(k, v)| (k.to_string(), v)),
     );
     meta.labels = Some(labels);
-    meta.annotations = (!t.annotations.is_empty()).then(|| t.annotations.clone());
+    let mut annotations = t.annotations.clone();
+    annotations.extend(
+        role.extra_annotations
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    meta.annotations = (!annotations.is_empty()).then_some(annotations);
 
     let mut volumes = vec![Volume {
         name: "scratch".into(),
@@ -308,9 +355,11 @@ fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
     }
 }
 
-/// The driver pod of attempt `attempt`: on on-demand nodes, the spec mounted from its
-/// ConfigMap, its report written as the termination message.
-pub fn driver_pod(ctx: PodContext<'_>, attempt: u32) -> Pod {
+/// The driver pod of attempt `attempt` (its epoch: executors follow the highest they have
+/// seen): on on-demand nodes, the spec mounted from its ConfigMap, its report written as the
+/// termination message. A replacement for a lost driver (`takeover`) attaches to the
+/// executors that driver left running, and records what it took over in annotations.
+pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>) -> Pod {
     let job = ctx.job.name_any();
     let spec = &ctx.job.spec;
     let launch = DriverLaunch {
@@ -323,7 +372,20 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32) -> Pod {
         termination_message: Some(TERMINATION_MESSAGE_PATH.into()),
         // By environment, below.
         job_uid: None,
+        epoch: attempt.max(1).into(),
+        attach: takeover.map(|t| t.attach.clone()).unwrap_or_default(),
     };
+    let extra_annotations = takeover
+        .map(|t| {
+            vec![
+                (ANNOTATION_ATTACHED, t.attach.len().to_string()),
+                (
+                    ANNOTATION_RESUMED_BEFORE,
+                    t.stages_resumed_before.to_string(),
+                ),
+            ]
+        })
+        .unwrap_or_default();
     let mut env_vars = vec![token_env(&job)];
     env_vars.extend(ctx.job.uid().map(|uid| env(ENV_JOB_UID, uid)));
     pod(
@@ -332,6 +394,7 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32) -> Pod {
             name: ROLE_DRIVER,
             pod_name: driver_name(&job),
             extra_labels: vec![(LABEL_ATTEMPT, attempt.to_string())],
+            extra_annotations,
             template: &spec.driver.template,
             affinity: on_demand_affinity(ctx.config),
             tolerations: Vec::new(),
@@ -374,6 +437,8 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
         driver: format!("http://{driver_ip}:{DRIVER_PORT}"),
         id: name.clone(),
         host: DEFAULT_EXECUTOR_HOST.into(),
+        // Fixed, so that a replacement driver reaches it at `<pod IP>:EXECUTOR_PORT`.
+        port: EXECUTOR_PORT,
         // The pod's IP, known once it runs: by environment, below.
         advertise_host: None,
         // From the job spec.
@@ -390,6 +455,7 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
             name: ROLE_EXECUTOR,
             pod_name: name,
             extra_labels: Vec::new(),
+            extra_annotations: Vec::new(),
             template: &spec.executors.template,
             affinity,
             tolerations,
@@ -407,7 +473,12 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
                 sub_path: Some(SPILL_SUB_PATH.into()),
                 ..Default::default()
             }],
-            ports: Vec::new(),
+            ports: vec![ContainerPort {
+                name: Some("blocks".into()),
+                container_port: EXECUTOR_PORT.into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }],
         },
     )
 }
@@ -447,264 +518,5 @@ pub fn avoiding_nodes(mut pod: Pod, nodes: &BTreeSet<String>) -> Pod {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::job;
-
-    fn ctx<'a>(job: &'a ComputeJob, config: &'a OperatorConfig) -> PodContext<'a> {
-        PodContext {
-            job,
-            config,
-            image: "kiln:test",
-        }
-    }
-
-    fn terms(p: &Pod) -> Vec<NodeSelectorTerm> {
-        p.spec
-            .as_ref()
-            .unwrap()
-            .affinity
-            .clone()
-            .unwrap()
-            .node_affinity
-            .unwrap()
-            .required_during_scheduling_ignored_during_execution
-            .map(|s| s.node_selector_terms)
-            .unwrap_or_default()
-    }
-
-    #[test]
-    fn driver_stays_off_spot_and_runs_locked_down() {
-        let (j, config) = (job("wc"), OperatorConfig::default());
-        let p = driver_pod(ctx(&j, &config), 2);
-        let labels = p.metadata.labels.clone().unwrap();
-        assert_eq!(labels[LABEL_JOB], "wc");
-        assert_eq!(labels[LABEL_ROLE], "driver");
-        assert_eq!(labels[LABEL_ATTEMPT], "2");
-        let t = terms(&p);
-        assert_eq!(t.len(), 1, "one term: every spot label absent");
-        let exprs = t[0].match_expressions.clone().unwrap();
-        assert!(exprs.iter().all(|e| e.operator == "NotIn"));
-        assert!(exprs.iter().any(|e| e.key == "karpenter.sh/capacity-type"
-            && e.values.as_deref() == Some(&["spot".to_string()][..])));
-        let spec = p.spec.unwrap();
-        assert_eq!(spec.tolerations, None);
-        assert_eq!(spec.automount_service_account_token, Some(false));
-        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
-        assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
-        let c = &spec.containers[0];
-        assert_eq!(c.command.as_deref().unwrap(), ["kiln"]);
-        let args = c.args.as_deref().unwrap();
-        assert_eq!(args[0], DriverLaunch::SUBCOMMAND);
-        let launch = DriverLaunch::parse_args(&args[1..]).unwrap();
-        assert_eq!(launch.spec.to_str(), Some("/etc/kiln/job.yaml"));
-        assert_eq!(launch.bind.port(), DRIVER_PORT);
-        assert_eq!(
-            launch.termination_message.unwrap().to_str(),
-            Some(TERMINATION_MESSAGE_PATH)
-        );
-        assert_eq!(
-            c.security_context
-                .as_ref()
-                .unwrap()
-                .read_only_root_filesystem,
-            Some(true)
-        );
-        let mounts: Vec<&str> = c
-            .volume_mounts
-            .iter()
-            .flatten()
-            .map(|m| m.mount_path.as_str())
-            .collect();
-        assert_eq!(mounts, ["/tmp", "/etc/kiln"]);
-        let uid = c.env.iter().flatten().find(|e| e.name == ENV_JOB_UID);
-        assert_eq!(uid.unwrap().value.as_deref(), Some("uid-wc"));
-        let token = c
-            .env
-            .iter()
-            .flatten()
-            .find(|e| e.name == ENV_TOKEN)
-            .unwrap();
-        assert_eq!(
-            token
-                .value_from
-                .as_ref()
-                .unwrap()
-                .secret_key_ref
-                .as_ref()
-                .unwrap()
-                .name,
-            "wc-token"
-        );
-    }
-
-    #[test]
-    fn a_replacement_avoids_the_nodes_given_in_every_alternative() {
-        let config = OperatorConfig::default();
-        let j = job("wc");
-        let dead: BTreeSet<String> = ["kiln-spot-2".to_string()].into();
-        let p = avoiding_nodes(executor_pod(ctx(&j, &config), 3, "ip"), &dead);
-        let t = terms(&p);
-        assert_eq!(t.len(), config.spot_node_labels.len());
-        for term in &t {
-            let f = &term.match_fields.as_ref().unwrap()[0];
-            assert_eq!(
-                (f.key.as_str(), f.operator.as_str()),
-                ("metadata.name", "NotIn")
-            );
-            assert_eq!(f.values.as_deref(), Some(&["kiln-spot-2".to_string()][..]));
-        }
-        // `Any` has no required terms: one is made.
-        let mut any = job("wc");
-        any.spec.executors.placement = Placement::Any;
-        let p = avoiding_nodes(executor_pod(ctx(&any, &config), 3, "ip"), &dead);
-        assert_eq!(terms(&p).len(), 1);
-        // Nothing to avoid: the pod is unchanged.
-        let p = executor_pod(ctx(&j, &config), 3, "ip");
-        assert_eq!(avoiding_nodes(p.clone(), &BTreeSet::new()), p);
-    }
-
-    #[test]
-    fn executors_follow_their_placement() {
-        let config = OperatorConfig::default();
-        let mut j = job("wc");
-        let p = executor_pod(ctx(&j, &config), 3, "10.244.1.5");
-        assert_eq!(p.metadata.name.as_deref(), Some("wc-exec-3"));
-        assert_eq!(p.metadata.labels.as_ref().unwrap()[LABEL_ROLE], "executor");
-        let t = terms(&p);
-        assert_eq!(
-            t.len(),
-            config.spot_node_labels.len(),
-            "any spot label will do"
-        );
-        assert!(
-            t.iter()
-                .all(|t| t.match_expressions.as_ref().unwrap()[0].operator == "In")
-        );
-        let tolerations = p.spec.as_ref().unwrap().tolerations.clone().unwrap();
-        assert!(
-            tolerations
-                .iter()
-                .any(|t| t.key.as_deref() == Some("kiln.dev/spot"))
-        );
-        let c = &p.spec.as_ref().unwrap().containers[0];
-        let args = c.args.as_deref().unwrap();
-        assert_eq!(args[0], ExecutorLaunch::SUBCOMMAND);
-        let launch = ExecutorLaunch::parse_args(&args[1..]).unwrap();
-        assert_eq!(launch.driver, "http://10.244.1.5:7077");
-        assert_eq!(launch.id, "wc-exec-3");
-        assert_eq!(launch.work_dir.to_str(), Some(WORK_DIR));
-        let env = c.env.clone().unwrap();
-        let field = |n: &str| {
-            env.iter()
-                .find(|e| e.name == n)
-                .and_then(|e| e.value_from.clone())
-        };
-        assert_eq!(
-            field(ENV_ADVERTISE_HOST)
-                .and_then(|f| f.field_ref)
-                .map(|f| f.field_path)
-                .as_deref(),
-            Some("status.podIP")
-        );
-        let token = field(ENV_TOKEN).and_then(|f| f.secret_key_ref).unwrap();
-        assert_eq!(token.name, "wc-token");
-        // The spill directory exists before the executor starts: a subPath of the scratch
-        // volume, which the kubelet creates.
-        let mounts = p.spec.as_ref().unwrap().containers[0]
-            .volume_mounts
-            .clone()
-            .unwrap();
-        let spill = mounts.iter().find(|m| m.sub_path.is_some()).unwrap();
-        assert_eq!(
-            (spill.name.as_str(), spill.mount_path.as_str()),
-            ("scratch", "/tmp/kiln-work/spill")
-        );
-        assert_eq!(format!("{WORK_DIR}/spill"), spill.mount_path);
-
-        j.spec.executors.placement = Placement::OnDemand;
-        let p = executor_pod(ctx(&j, &config), 0, "ip");
-        assert!(
-            terms(&p)[0]
-                .match_expressions
-                .as_ref()
-                .unwrap()
-                .iter()
-                .all(|e| e.operator == "NotIn")
-        );
-        assert_eq!(p.spec.unwrap().tolerations, None);
-
-        j.spec.executors.placement = Placement::Any;
-        let p = executor_pod(ctx(&j, &config), 0, "ip");
-        assert!(terms(&p).is_empty(), "no requirement for Any");
-        assert!(p.spec.unwrap().tolerations.is_some(), "spot nodes allowed");
-    }
-
-    #[test]
-    fn template_overrides_are_added() {
-        let config = OperatorConfig::default();
-        let mut j = job("wc");
-        j.spec.executors.template = serde_json::from_value(serde_json::json!({
-            "labels": {"team": "data", "kiln.dev/role": "nope"},
-            "annotations": {"a": "b"},
-            "nodeSelector": {"disk": "ssd"},
-            "tolerations": [{"key": "gpu", "operator": "Exists"}],
-            "env": [{"name": "AWS_REGION", "value": "eu-west-1"}],
-            "envFrom": [{"secretRef": {"name": "s3-creds"}}],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "inputs"}}],
-            "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": true}],
-            "serviceAccountName": "reader",
-        }))
-        .unwrap();
-        let p = executor_pod(ctx(&j, &config), 0, "ip");
-        let labels = p.metadata.labels.clone().unwrap();
-        assert_eq!(
-            (labels["team"].as_str(), labels[LABEL_ROLE].as_str()),
-            ("data", "executor")
-        );
-        let spec = p.spec.unwrap();
-        assert_eq!(spec.service_account_name.as_deref(), Some("reader"));
-        assert_eq!(spec.automount_service_account_token, Some(true));
-        assert_eq!(spec.node_selector.unwrap()["disk"], "ssd");
-        assert!(
-            spec.tolerations
-                .unwrap()
-                .iter()
-                .any(|t| t.key.as_deref() == Some("gpu"))
-        );
-        assert!(spec.volumes.unwrap().iter().any(|v| v.name == "data"));
-        let c = &spec.containers[0];
-        assert!(c.env.iter().flatten().any(|e| e.name == "AWS_REGION"));
-        assert_eq!(c.env_from.as_ref().unwrap().len(), 1);
-        assert!(
-            c.volume_mounts
-                .iter()
-                .flatten()
-                .any(|m| m.mount_path == "/data")
-        );
-        // The driver is untouched by the executors' template.
-        let d = driver_pod(ctx(&j, &config), 1);
-        assert!(!d.metadata.labels.unwrap().contains_key("team"));
-    }
-
-    #[test]
-    fn memory_gets_room_for_the_process() {
-        assert_eq!(memory_with_overhead(2 << 30).0, "2432Mi");
-        assert_eq!(memory_with_overhead(8 << 30).0, "9012Mi");
-    }
-
-    #[test]
-    fn configured_on_demand_labels_are_required() {
-        let config = OperatorConfig {
-            on_demand_node_labels: vec![crate::config::NodeLabel {
-                key: "pool".into(),
-                values: vec!["stable".into()],
-            }],
-            ..Default::default()
-        };
-        let j = job("wc");
-        let t = terms(&driver_pod(ctx(&j, &config), 1));
-        let exprs = t[0].match_expressions.clone().unwrap();
-        assert!(exprs.iter().any(|e| e.key == "pool" && e.operator == "In"));
-    }
-}
+#[path = "pods_tests.rs"]
+mod tests;

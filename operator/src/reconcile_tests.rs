@@ -256,7 +256,7 @@ fn running_job() -> (ComputeJob, Vec<Pod>) {
         image: "kiln:test",
     };
     let driver = running(
-        scheduled(crate::pods::driver_pod(ctx, 1), "kiln-ondemand-1", 0),
+        scheduled(crate::pods::driver_pod(ctx, 1, None), "kiln-ondemand-1", 0),
         "10.244.3.2",
     );
     let execs: Vec<Pod> = (0..2)
@@ -411,6 +411,52 @@ async fn an_executor_on_a_lost_node_is_reported_and_replaced() {
             "ExecutorLost 10.244.3.2 wc-exec-1 Preempted tok"
         ]
     );
+}
+
+#[tokio::test]
+async fn a_vanished_driver_is_replaced_by_one_that_takes_over_the_executors() {
+    let (j, mut pods) = running_job();
+    // The driver pod was deleted outright; its executors run on.
+    pods.remove(0);
+    let script_job = j.clone();
+    let (_, calls) = reconcile_with(
+        &j,
+        || at(30),
+        |mut s| async move {
+            s.job(&script_job).await;
+            s.pods(&pods).await;
+            s.token(true).await;
+            s.echo("PATCH", "/api/v1/namespaces/ns/secrets/wc-token")
+                .await;
+            s.echo("PATCH", "/api/v1/namespaces/ns/configmaps/wc-spec")
+                .await;
+            s.echo("PATCH", "/api/v1/namespaces/ns/services/wc-driver")
+                .await;
+            // No executor is deleted: the new driver pod comes next.
+            let pod = s
+                .echo("PATCH", "/api/v1/namespaces/ns/pods/wc-driver")
+                .await;
+            assert_eq!(pod["metadata"]["labels"]["kiln.dev/attempt"], "2");
+            let args: Vec<String> =
+                serde_json::from_value(pod["spec"]["containers"][0]["args"].clone()).unwrap();
+            assert!(args.contains(&"--epoch=2".to_string()), "{args:?}");
+            assert!(
+                args.contains(&"--attach=10.244.1.2:7078,10.244.2.2:7078".to_string()),
+                "{args:?}"
+            );
+            let status = s.status(&script_job).await;
+            assert_eq!(status.phase, JobPhase::Pending);
+            assert_eq!((status.driver.attempt, status.driver.restarts), (2, 1));
+            assert_eq!(status.recovery.driver_losses, 1);
+            assert_eq!(status.executors.pods, ["wc-exec-0", "wc-exec-1"]);
+            assert_eq!(status.executors.lost, 0);
+            s.event("DriverLost").await;
+            s.event("DriverRestarted").await;
+            s
+        },
+    )
+    .await;
+    assert!(calls.is_empty(), "no driver to talk to: {calls:?}");
 }
 
 #[tokio::test]

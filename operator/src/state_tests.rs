@@ -11,6 +11,8 @@ use crate::podstate::LossReason;
 use crate::state::{Action, Child, Plan, Planner};
 use crate::testing::*;
 
+mod driver_loss;
+
 struct World {
     job: ComputeJob,
     pods: Vec<Pod>,
@@ -434,42 +436,6 @@ fn a_driver_that_fails_without_a_readable_report_is_driver_failed() {
 }
 
 #[test]
-fn a_killed_driver_is_recreated_after_the_old_pod_is_gone() {
-    let mut w = World::running();
-    w.set("wc-driver", |p| exited(p, 137, None, 1, 20));
-    let plan = w.step(20);
-    assert_eq!(plan.status.phase, JobPhase::Pending);
-    assert!(applied_pods(&plan).is_empty(), "never two drivers at once");
-    assert_eq!(reasons(&plan), ["DriverLost"]);
-    w.apply(&plan, 20);
-    assert!(w.pods.is_empty(), "old driver and executors deleted");
-    let plan = w.step(21);
-    assert_eq!(applied_pods(&plan), ["wc-driver"]);
-    let s = &plan.status;
-    assert_eq!((s.driver.attempt, s.driver.restarts), (2, 1));
-    assert_eq!(reasons(&plan), ["DriverRestarted"]);
-    let driver = plan.actions.iter().find_map(|a| match a {
-        Action::Apply(Child::Pod(p)) => Some(labels(p)),
-        _ => None,
-    });
-    assert_eq!(driver.unwrap()["kiln.dev/attempt"], "2");
-}
-
-#[test]
-fn drivers_lost_too_often_fail_the_job() {
-    let mut w = World::running();
-    w.config.max_driver_restarts = 0;
-    w.pods
-        .retain(|p| p.metadata.name.as_deref() != Some("wc-driver"));
-    let plan = w.step(20);
-    assert_eq!(plan.status.phase, JobPhase::Failed);
-    assert_eq!(
-        plan.status.condition(CONDITION_FAILED).unwrap().reason,
-        FailureReason::DriverLost.as_str()
-    );
-}
-
-#[test]
 fn a_suspended_job_keeps_its_status_and_resumes_with_a_new_driver() {
     let mut w = World::running();
     w.job.spec.suspend = true;
@@ -583,4 +549,19 @@ fn too_many_losses_exhaust_the_budget() {
         Some(&FailureReason::ExecutorLossesExceeded.as_str())
     );
     assert!(c.message.contains("maxExecutorLosses (1)"));
+}
+
+#[test]
+fn executors_that_finish_before_their_driver_are_not_replaced() {
+    // The driver told its executors the job is over; they exited, it has not yet.
+    let mut w = World::running();
+    for e in ["wc-exec-0", "wc-exec-1"] {
+        w.set(e, |p| exited(p, 0, None, 1, 20));
+    }
+    for t in [20, 21, 22] {
+        let plan = w.step(t);
+        assert!(applied_pods(&plan).is_empty(), "at {t}: {:?}", plan.actions);
+        assert_eq!(plan.status.executors.pods, ["wc-exec-0", "wc-exec-1"]);
+        w.apply(&plan, t);
+    }
 }

@@ -13,12 +13,16 @@
 //! - which attempt of each output partition commits: `commits`;
 //! - losses and how long each took to make good: `loss_timings`;
 //! - stages whose blocks executors may drop, per executor: `drops`;
-//! - iterations of iterative steps: `iterations`.
+//! - iterations of iterative steps: `iterations`;
+//! - what a replacement driver takes over (the executors' holdings, the journal of the
+//!   driver before it) and what it hands on (its own journal): `resume`, with the
+//!   events that feed it in `core_resume.rs`.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use kiln_api::{FailurePolicy, JobSpec};
 
+use super::journal::{CommitRecord, Journal};
 use super::scheduler::{
     ExecutorId, JobFailure, LossReason, Scheduler, SchedulerEvent, StageStatus, TaskFailure, TaskId,
 };
@@ -47,10 +51,13 @@ pub enum Progress {
     },
     /// Every partition of the stage is complete.
     StageDone { stage: u32 },
+    /// A replacement driver took the stage over complete from the executors' holdings (and
+    /// the journal): nothing of it reruns.
+    StageResumed { stage: u32 },
     /// An executor was lost.
     ExecutorLost { executor: String, reason: String },
-    /// An executor registered.
-    ExecutorRegistered { executor: String },
+    /// An executor registered, serving blocks at `address`.
+    ExecutorRegistered { executor: String, address: String },
     /// An iterative step started an iteration.
     Iteration {
         step: String,
@@ -76,6 +83,9 @@ pub(crate) struct StageSubmission {
     pub shuffle: bool,
     /// Whether it writes the job's output (its results outlive executors and commit).
     pub sink: bool,
+    /// Its plan's fingerprint: outputs of an earlier driver's stage are adopted only for the
+    /// same plan.
+    pub fingerprint: u64,
 }
 
 /// What the core keeps of each stage besides its place in the graph.
@@ -85,6 +95,7 @@ pub(crate) struct StageInfo {
     pub description: String,
     pub shuffle: bool,
     pub partitions: usize,
+    pub fingerprint: u64,
     pub counters: StageCounters,
 }
 
@@ -118,10 +129,12 @@ pub(crate) enum PollAnswer {
     Shutdown,
     /// The driver does not know this executor (it was declared lost).
     UnknownExecutor,
-    /// Tasks to run (attempt numbers with them) and stages whose blocks may go.
+    /// Tasks to run (attempt numbers with them), stages whose blocks may go, and the
+    /// journal when it changed since the executor last got it.
     Work {
         tasks: Vec<(TaskId, u32)>,
         drops: Vec<u32>,
+        journal: Option<Vec<u8>>,
     },
     /// Nothing yet: wait for news before answering (a long poll).
     Wait,
@@ -153,7 +166,10 @@ pub(crate) struct DriverCore {
     sched: Scheduler,
     stages: BTreeMap<u32, StageInfo>,
     /// Output stage → partition → the one attempt allowed to commit it.
-    commits: BTreeMap<u32, BTreeMap<u32, u32>>,
+    commits: BTreeMap<u32, BTreeMap<u32, CommitRecord>>,
+    /// This driver's run (its output attempts stage under it) and epoch, what it took over
+    /// and what it hands on.
+    resume: core_resume::Resume,
     loss_timings: Vec<LossTiming>,
     drops: HashMap<ExecutorId, Vec<u32>>,
     registered: BTreeSet<ExecutorId>,
@@ -167,12 +183,14 @@ pub(crate) struct DriverCore {
 }
 
 impl DriverCore {
-    /// A core for a job with these budgets, started at `now`.
-    pub fn new(policy: FailurePolicy, now: Instant) -> Self {
+    /// A core for a job with these budgets, started at `now`, for driver run `run_id` of
+    /// epoch `epoch` (1 for a job's first driver).
+    pub fn new(policy: FailurePolicy, run_id: &str, epoch: u64, now: Instant) -> Self {
         Self {
             sched: Scheduler::new(policy),
             stages: BTreeMap::new(),
             commits: BTreeMap::new(),
+            resume: core_resume::Resume::new(run_id, epoch),
             loss_timings: Vec::new(),
             drops: HashMap::new(),
             registered: BTreeSet::new(),
@@ -198,8 +216,16 @@ impl DriverCore {
 
     // ---- events from executors -------------------------------------------------------
 
-    /// An executor announces itself.
-    pub fn register(&mut self, executor: &str, address: &str, now: Instant) -> Registration {
+    /// An executor announces itself, with what it holds from an earlier driver of the job
+    /// (`held`: stage, plan fingerprint, partitions) and the newest journal it was sent.
+    pub fn register(
+        &mut self,
+        executor: &str,
+        address: &str,
+        held: &[(u32, u64, Vec<u32>)],
+        journal: Option<Journal>,
+        now: Instant,
+    ) -> Registration {
         if !self.sched.register_executor(executor, address, now) {
             return Registration::Refused(format!(
                 "executor {executor} was declared lost; register under a new id"
@@ -210,7 +236,9 @@ impl DriverCore {
         self.note_width(now);
         self.outbox.push(Progress::ExecutorRegistered {
             executor: executor.to_string(),
+            address: address.to_string(),
         });
+        self.take_over(executor, held, journal);
         Registration::Accepted
     }
 
@@ -242,12 +270,16 @@ impl DriverCore {
                 "the executor does not hold a task the driver gave it (an assignment or its report was lost); rescheduled"
             );
         }
-        let drops = self.drops.remove(executor).unwrap_or_default();
         let tasks = self.sched.assign(executor, free);
-        if tasks.is_empty() && drops.is_empty() && !last_round && free > 0 {
+        let drops = self.drops.get(executor).map_or(0, Vec::len);
+        if tasks.is_empty() && drops == 0 && !last_round && free > 0 {
             return PollAnswer::Wait;
         }
-        PollAnswer::Work { tasks, drops }
+        PollAnswer::Work {
+            tasks,
+            drops: self.drops.remove(executor).unwrap_or_default(),
+            journal: self.journal_for(executor),
+        }
     }
 
     /// A task attempt ended. Returns whether it counted as the partition's success (late
@@ -263,9 +295,21 @@ impl DriverCore {
             TaskOutcome::Succeeded(counters) => {
                 let (counted, events) = self.sched.task_succeeded(task, attempt, executor);
                 if counted {
+                    let fingerprint = self.stages.get(&task.stage).map_or(0, |s| s.fingerprint);
                     if let Some(commits) = self.commits.get_mut(&task.stage) {
                         // The first success is the one attempt whose files the job commits.
-                        commits.entry(task.partition).or_insert(attempt);
+                        commits
+                            .entry(task.partition)
+                            .or_insert_with(|| CommitRecord {
+                                stage: task.stage,
+                                fingerprint,
+                                partition: task.partition,
+                                run_id: self.resume.run_id.clone(),
+                                attempt,
+                                rows: counters.output_rows,
+                                files: counters.files_written,
+                            });
+                        self.resume.journal_changed();
                     }
                     if let Some(info) = self.stages.get_mut(&task.stage) {
                         info.counters.add(&counters);
@@ -352,6 +396,7 @@ impl DriverCore {
                     description: stage.description,
                     shuffle: stage.shuffle,
                     partitions: stage.partitions,
+                    fingerprint: stage.fingerprint,
                     counters: StageCounters::default(),
                 },
             );
@@ -363,6 +408,7 @@ impl DriverCore {
                 self.commits.insert(stage.id, BTreeMap::new());
             }
             self.handle(events);
+            self.adopt(stage.id);
         }
         self.sched.pin(final_stage, keep_final);
         final_stage
@@ -436,10 +482,10 @@ impl DriverCore {
     // ---- queries ------------------------------------------------------------------------
 
     /// The attempt of each partition of output stage `stage` that commits.
-    pub fn commits(&self, stage: u32) -> Vec<(u32, u32)> {
+    pub fn commits(&self, stage: u32) -> Vec<CommitRecord> {
         self.commits
             .get(&stage)
-            .map(|c| c.iter().map(|(p, a)| (*p, *a)).collect())
+            .map(|c| c.values().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -474,6 +520,11 @@ impl DriverCore {
         held
     }
 
+    /// Whether an executor serving blocks at `address` is registered and live.
+    pub fn serves_at(&self, address: &str) -> bool {
+        self.sched.addresses().any(|a| a == address)
+    }
+
     /// Whether `executor` is registered and not lost.
     pub fn is_live(&self, executor: &str) -> bool {
         self.sched.is_live(executor)
@@ -491,6 +542,8 @@ impl DriverCore {
             status.partitions_recomputed += self.sched.launch_counts(*id).1;
         }
         status.executors_live = self.live_width() as u32;
+        status.driver_losses = self.driver_losses();
+        status.stages_resumed = self.stages_resumed();
         status.executors_lost = self.sched.losses().len() as u32;
         status.last_lost_executor = self
             .sched
@@ -577,6 +630,8 @@ impl DriverCore {
         let ms = |d: Duration| d.as_millis() as u64;
         let mut recovery = RecoverySummary {
             outputs_lost: self.sched.outputs_lost(),
+            driver_losses: self.driver_losses(),
+            stages_resumed: self.stages_resumed(),
             ..Default::default()
         };
         for (loss, t) in self.sched.losses().iter().zip(&self.loss_timings) {
@@ -610,6 +665,9 @@ impl DriverCore {
         }
     }
 }
+
+#[path = "core_resume.rs"]
+mod core_resume;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

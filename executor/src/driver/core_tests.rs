@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use kiln_api::FailurePolicy;
 
 use super::*;
+use crate::driver::journal::Journal;
 
 fn policy() -> FailurePolicy {
     FailurePolicy {
@@ -23,6 +24,7 @@ fn stage(id: u32, partitions: usize, inputs: Vec<u32>, sink: bool) -> StageSubmi
         preferred: None,
         shuffle: !sink,
         sink,
+        fingerprint: 1000 + u64::from(id),
     }
 }
 
@@ -33,6 +35,14 @@ fn ok() -> TaskOutcome {
     })
 }
 
+/// The committing attempt of each partition of output stage `stage`.
+fn attempts(core: &DriverCore, stage: u32) -> Vec<(u32, u32)> {
+    core.commits(stage)
+        .iter()
+        .map(|c| (c.partition, c.attempt))
+        .collect()
+}
+
 fn none() -> BTreeSet<(TaskId, u32)> {
     BTreeSet::new()
 }
@@ -40,9 +50,15 @@ fn none() -> BTreeSet<(TaskId, u32)> {
 /// A map stage (1, two partitions) feeding an output stage (2, two partitions), executors a
 /// and b registered.
 fn job(now: Instant) -> DriverCore {
-    let mut core = DriverCore::new(policy(), now);
-    assert_eq!(core.register("a", "a:1", now), Registration::Accepted);
-    assert_eq!(core.register("b", "b:1", now), Registration::Accepted);
+    let mut core = DriverCore::new(policy(), "run-1", 1, now);
+    assert_eq!(
+        core.register("a", "a:1", &[], None, now),
+        Registration::Accepted
+    );
+    assert_eq!(
+        core.register("b", "b:1", &[], None, now),
+        Registration::Accepted
+    );
     let last = core.submit(
         "out",
         vec![stage(1, 2, vec![], false), stage(2, 2, vec![1], true)],
@@ -86,7 +102,7 @@ fn a_job_runs_to_its_end_and_says_so() {
     assert_eq!(core.outcome(2), StageOutcome::Waiting);
     assert_eq!(run_round(&mut core, "b", now), 2, "then the output stage");
     assert_eq!(core.outcome(2), StageOutcome::Succeeded);
-    assert_eq!(core.commits(2), vec![(0, 0), (1, 0)]);
+    assert_eq!(attempts(&core, 2), vec![(0, 0), (1, 0)]);
     let progress = core.take_progress();
     assert!(progress.contains(&Progress::StageDone { stage: 1 }));
     assert!(progress.contains(&Progress::StageDone { stage: 2 }));
@@ -99,14 +115,15 @@ fn a_job_runs_to_its_end_and_says_so() {
 #[test]
 fn an_idle_poll_waits_and_the_last_round_answers() {
     let now = Instant::now();
-    let mut core = DriverCore::new(policy(), now);
-    core.register("a", "a:1", now);
+    let mut core = DriverCore::new(policy(), "run-1", 1, now);
+    core.register("a", "a:1", &[], None, now);
     assert_eq!(core.poll("a", 2, &none(), false, now), PollAnswer::Wait);
     assert_eq!(
         core.poll("a", 2, &none(), true, now),
         PollAnswer::Work {
             tasks: vec![],
-            drops: vec![]
+            drops: vec![],
+            journal: None,
         }
     );
     core.take_changed();
@@ -144,8 +161,9 @@ fn a_task_whose_assignment_was_lost_is_rescheduled_without_counting_a_failure() 
         core.report("b", t, a, ok());
     }
     assert_eq!(core.summary(&Default::default()).recovery.outputs_lost, 0);
+    assert_eq!(core.outcome(1), StageOutcome::Succeeded);
     assert_eq!(
-        core.outcome(1),
+        core.outcome(2),
         StageOutcome::Waiting,
         "stage 2 still to run"
     );
@@ -162,7 +180,8 @@ fn an_attempt_the_executor_still_holds_is_left_running() {
         core.poll("a", 0, &held, true, now),
         PollAnswer::Work {
             tasks: vec![],
-            drops: vec![]
+            drops: vec![],
+            journal: None,
         }
     );
     assert!(
@@ -211,7 +230,7 @@ fn exactly_one_attempt_per_output_partition_commits() {
         core.report("a", *x, *a, ok());
     }
     assert_eq!(core.outcome(2), StageOutcome::Succeeded);
-    let commits = core.commits(2);
+    let commits = attempts(&core, 2);
     assert_eq!(commits.len(), 2);
     assert!(commits.contains(&(t.partition, retry.1)));
 }
@@ -223,7 +242,7 @@ fn losing_the_executor_that_wrote_an_output_file_loses_nothing() {
     run_round(&mut core, "a", now);
     let out = tasks(core.poll("b", 1, &none(), true, now));
     core.report("b", out[0].0, out[0].1, ok());
-    core.register("c", "c:1", now);
+    core.register("c", "c:1", &[], None, now);
     assert!(core.lose("b", LossReason::Preempted, None, now));
     // Only the remaining output partition runs; the committed one stays committed.
     let rest = tasks(core.poll("c", 8, &none(), true, now));
@@ -232,6 +251,8 @@ fn losing_the_executor_that_wrote_an_output_file_loses_nothing() {
     core.report("c", rest[0].0, rest[0].1, ok());
     assert_eq!(core.outcome(2), StageOutcome::Succeeded);
     assert_eq!(core.commits(2).len(), 2);
+    // Its files outlive b: the stage is complete though not all of it has a live holder.
+    assert!(core.locations(2).is_none());
 }
 
 #[test]
@@ -245,8 +266,8 @@ fn all_executors_lost_at_once_then_replacements_finish_the_job() {
     assert_eq!(core.live_width(), 0);
     assert_eq!(core.outcome(2), StageOutcome::Waiting);
     let later = now + Duration::from_secs(1);
-    core.register("c", "c:1", later);
-    core.register("d", "d:1", later);
+    core.register("c", "c:1", &[], None, later);
+    core.register("d", "d:1", &[], None, later);
     let mut rounds = 0;
     while core.outcome(2) == StageOutcome::Waiting && rounds < 5 {
         run_round(&mut core, "c", later);
@@ -269,8 +290,8 @@ fn all_executors_lost_at_once_then_replacements_finish_the_job() {
 #[test]
 fn a_result_partition_that_cannot_be_fetched_is_recomputed() {
     let now = Instant::now();
-    let mut core = DriverCore::new(policy(), now);
-    core.register("a", "a:1", now);
+    let mut core = DriverCore::new(policy(), "run-1", 1, now);
+    core.register("a", "a:1", &[], None, now);
     core.submit("r", vec![stage(1, 2, vec![], false)], true);
     run_round(&mut core, "a", now);
     assert_eq!(core.outcome(1), StageOutcome::Succeeded);
@@ -309,7 +330,7 @@ fn silent_executors_expire_and_shutdown_sends_the_rest_home() {
         PollAnswer::UnknownExecutor
     );
     assert!(matches!(
-        core.register("b", "b:1", later),
+        core.register("b", "b:1", &[], None, later),
         Registration::Refused(_)
     ));
     core.begin_shutdown();
@@ -343,4 +364,105 @@ fn a_spent_budget_fails_the_stage_the_runner_waits_for() {
         }
         other => panic!("expected a failure, got {other:?}"),
     }
+}
+
+/// Runs the job's map stage on `a` and one output partition on `a`; returns the journal
+/// the driver hands executors, read from a poll answer as an executor gets it.
+fn first_driver_half_done(now: Instant) -> (Journal, TaskId) {
+    let mut core = job(now);
+    assert_eq!(run_round(&mut core, "a", now), 2);
+    let out = tasks(core.poll("a", 1, &none(), true, now));
+    assert!(core.report("a", out[0].0, out[0].1, ok()));
+    let journal = match core.poll("b", 0, &none(), true, now) {
+        PollAnswer::Work {
+            journal: Some(bytes),
+            ..
+        } => Journal::decode(&bytes).expect("a readable journal"),
+        other => panic!("expected the journal with the answer, got {other:?}"),
+    };
+    assert_eq!(journal, core.journal());
+    assert!(
+        matches!(
+            core.poll("b", 0, &none(), true, now),
+            PollAnswer::Work { journal: None, .. }
+        ),
+        "sent once per change"
+    );
+    (journal, out[0].0)
+}
+
+#[test]
+fn a_replacement_driver_adopts_held_blocks_and_committed_output_and_runs_the_rest() {
+    let now = Instant::now();
+    let (journal, committed) = first_driver_half_done(now);
+    assert_eq!(journal.epoch, 1);
+    assert_eq!(journal.commits.len(), 1);
+
+    let mut core = DriverCore::new(policy(), "run-2", 2, now);
+    let held = [(1, 1001, vec![0, 1])];
+    core.register("a", "a:1", &held, Some(journal), now);
+    core.register("b", "b:1", &[], None, now);
+    core.submit(
+        "out",
+        vec![stage(1, 2, vec![], false), stage(2, 2, vec![1], true)],
+        false,
+    );
+    assert_eq!(
+        core.outcome(1),
+        StageOutcome::Succeeded,
+        "map stage adopted"
+    );
+    assert!(
+        core.take_progress()
+            .contains(&Progress::StageResumed { stage: 1 })
+    );
+    assert_eq!((core.driver_losses(), core.stages_resumed()), (1, 1));
+    // Only the output partition not committed runs.
+    let rest = tasks(core.poll("b", 8, &none(), true, now));
+    assert_eq!(rest.len(), 1);
+    assert_ne!(rest[0].0, committed);
+    assert!(core.report("b", rest[0].0, rest[0].1, ok()));
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    let runs: Vec<(u32, String)> = core
+        .commits(2)
+        .into_iter()
+        .map(|c| (c.partition, c.run_id))
+        .collect();
+    assert!(runs.contains(&(committed.partition, "run-1".to_string())));
+    assert!(runs.contains(&(rest[0].0.partition, "run-2".to_string())));
+    let summary = core.summary(&Default::default());
+    assert_eq!(summary.recovery.driver_losses, 1);
+    assert_eq!(summary.recovery.stages_resumed, 1);
+    assert_eq!(
+        core.stage(2).map(|s| s.counters.output_rows),
+        Some(20),
+        "the adopted partition's rows count"
+    );
+}
+
+#[test]
+fn only_same_plans_on_live_executors_are_adopted_and_older_journals_only() {
+    let now = Instant::now();
+    let (journal, _) = first_driver_half_done(now);
+    let mut core = DriverCore::new(policy(), "run-2", 2, now);
+    // a holds partition 0 of a stage planned differently, c held partition 1 but is lost
+    // before the stages are submitted; a journal of this driver's own epoch is no one's.
+    let own_epoch = Journal {
+        epoch: 2,
+        ..journal.clone()
+    };
+    core.register("a", "a:1", &[(1, 999, vec![0])], Some(own_epoch), now);
+    core.register("c", "c:1", &[(1, 1001, vec![1])], None, now);
+    core.lose("c", LossReason::Preempted, None, now);
+    core.submit(
+        "out",
+        vec![stage(1, 2, vec![], false), stage(2, 2, vec![1], true)],
+        false,
+    );
+    assert_eq!(core.stages_resumed(), 0);
+    assert_eq!(tasks(core.poll("a", 8, &none(), true, now)).len(), 2);
+    assert!(core.commits(2).is_empty());
+    // A late executor with the real journal still brings the committed partition.
+    core.register("b", "b:1", &[], Some(journal), now);
+    assert_eq!(core.commits(2).len(), 1);
 }

@@ -1,14 +1,19 @@
 //! The driver: plans the job into stages, schedules tasks on executors through its control
 //! service, tracks where every output lives, and assembles the result.
 //!
-//! - `core`: [`DriverCore`](core::DriverCore), all of the driver's state, fed events; pure.
+//! - `core`: [`DriverCore`](core::DriverCore), all of the driver's state, fed events; pure
+//!   (`core_resume.rs`: taking over from an earlier driver).
+//! - `journal`: the facts a replacement driver needs that no block store tells; `attach`:
+//!   taking over the executors an earlier driver left.
 //! - `scheduler`: the stage graph and lineage inside the core.
 //! - `plans`: stage plans, resolved and encoded for executors (the DataFusion part).
 //! - `service`: the gRPC shell around the core, and the heartbeat monitor.
 //! - `steps`: the job's steps in order; `runner`: running a step's stages; `iterate`:
 //!   iterative steps (on `runner` only); `output`: the output commit protocol.
+mod attach;
 mod core;
 mod iterate;
+mod journal;
 mod output;
 mod plans;
 mod runner;
@@ -27,6 +32,7 @@ use tokio::task::JoinHandle;
 
 pub use self::core::Progress;
 pub use output::SUCCESS_FILE;
+pub(crate) use service::secrets_match;
 use service::{DriverService, Shared};
 pub use steps::JobOutcome;
 
@@ -45,6 +51,10 @@ pub struct DriverOptions {
     /// The job's identity across driver restarts (a ComputeJob's uid): a committed output
     /// that names it is this job's own, not another's. None: a fresh id for this run.
     pub job_uid: Option<String>,
+    /// This driver's epoch: 1 for the job's first driver, higher for each replacement.
+    pub epoch: u64,
+    /// Block-service addresses of executors an earlier driver left: taken over at start.
+    pub attach: Vec<String>,
 }
 
 /// A cheap, cloneable handle on a running driver.
@@ -84,6 +94,9 @@ pub struct Driver {
     address: SocketAddr,
     server: JoinHandle<()>,
     monitor: JoinHandle<()>,
+    /// Executors of an earlier driver to take over before the job starts.
+    attach: Vec<String>,
+    token: String,
 }
 
 impl Driver {
@@ -100,12 +113,18 @@ impl Driver {
             source,
         })?;
         let spec_json = serde_json::to_string(spec).map_err(|e| Error::Driver(e.to_string()))?;
-        let core =
-            self::core::DriverCore::new(spec.failure_policy.clone(), std::time::Instant::now());
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let core = self::core::DriverCore::new(
+            spec.failure_policy.clone(),
+            &run_id,
+            options.epoch.max(1),
+            std::time::Instant::now(),
+        );
         let shared = Arc::new(Shared::new(
             core,
+            run_id,
             spec_json,
-            options.token,
+            options.token.clone(),
             options.job_uid,
             options.heartbeat_timeout,
         ));
@@ -135,6 +154,8 @@ impl Driver {
             address,
             server,
             monitor,
+            attach: options.attach,
+            token: options.token.unwrap_or_default(),
         })
     }
 
@@ -155,9 +176,25 @@ impl Driver {
         }
     }
 
-    /// Runs the job to its end.
+    /// Runs the job to its end, after taking over the executors an earlier driver left.
     pub async fn run(&self, spec: &JobSpec) -> Result<JobOutcome> {
+        if !self.attach.is_empty() {
+            let n = attach::attach_executors(&self.shared, self.address, &self.attach, &self.token)
+                .await;
+            tracing::info!(
+                executors = n,
+                of = self.attach.len(),
+                "took over executors of an earlier driver"
+            );
+        }
         steps::run(&self.shared, spec).await
+    }
+
+    /// Stops serving at once, as a lost driver would: no goodbye to the executors, which
+    /// keep their blocks for a replacement (local chaos).
+    pub fn kill(self) {
+        self.monitor.abort();
+        self.server.abort();
     }
 
     /// The summary of what ran so far.

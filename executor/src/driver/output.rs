@@ -23,12 +23,15 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use super::journal::CommitRecord;
 use crate::plan::{STAGING_DIR, StagedAttempt, part_file_name};
 use crate::summary::OutputSummary;
 use crate::{Error, Result};
 
 /// The marker a committed output ends with.
 pub const SUCCESS_FILE: &str = "_SUCCESS";
+/// Under the staging area: the epochs of the drivers that prepared the output.
+const EPOCH_MARKER: &str = "_epoch-";
 
 /// What `_SUCCESS` says: whose output this is and what it holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,10 +51,10 @@ pub(crate) struct OutputCommit {
     prefix: Path,
     dir_uri: String,
     spec: OutputSpec,
-    /// This driver run: staging directories are under it.
-    run_id: String,
     /// The job across driver runs: `_SUCCESS` names it.
     job_uid: String,
+    /// This driver's epoch: a commit is refused once a later epoch prepared the output.
+    epoch: u64,
 }
 
 /// What the location holds before the job writes.
@@ -82,8 +85,8 @@ impl OutputCommit {
     pub async fn prepare(
         ctx: &SessionContext,
         spec: &OutputSpec,
-        run_id: &str,
         job_uid: &str,
+        epoch: u64,
     ) -> Result<Prepared> {
         let dir_uri = dir_uri(&spec.uri);
         let url = ListingTableUrl::parse(&dir_uri).map_err(|e| Error::InvalidUri {
@@ -96,8 +99,8 @@ impl OutputCommit {
             prefix: url.prefix().clone(),
             dir_uri,
             spec: spec.clone(),
-            run_id: run_id.to_string(),
             job_uid: job_uid.to_string(),
+            epoch,
         };
         if let Some(marker) = commit.marker().await?
             && marker.job_uid == job_uid
@@ -114,6 +117,13 @@ impl OutputCommit {
                 uri: spec.uri.clone(),
             });
         }
+        // Claims the output for this epoch: a driver of an earlier one (taken over, but
+        // still running somewhere) can no longer commit into it.
+        commit
+            .store
+            .put(&commit.epoch_marker(epoch), PutPayload::default())
+            .await
+            .map_err(write_err(&spec.uri))?;
         Ok(Prepared::Ready(commit))
     }
 
@@ -123,14 +133,17 @@ impl OutputCommit {
     }
 
     /// Commits the output: moves the one committed attempt of each partition into place and
-    /// writes `_SUCCESS` last. `committed` is `(partition, attempt)` from the core.
-    pub async fn commit(
-        &self,
-        stage: u32,
-        committed: &[(u32, u32)],
-        rows: u64,
-    ) -> Result<OutputSummary> {
+    /// writes `_SUCCESS` last. `committed` comes from the core: this run's attempts and
+    /// those an earlier driver of the job committed before it was lost.
+    pub async fn commit(&self, committed: &[CommitRecord], rows: u64) -> Result<OutputSummary> {
         let uri = self.spec.uri.as_str();
+        if let Some(newer) = self.newest_epoch().await?.filter(|e| *e > self.epoch) {
+            return Err(Error::Fenced {
+                uri: uri.to_string(),
+                epoch: self.epoch,
+                newer,
+            });
+        }
         let success = self.prefix.clone().join(SUCCESS_FILE);
         match self.store.delete(&success).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -142,14 +155,14 @@ impl OutputCommit {
             }
         }
         let mut files = Vec::new();
-        for &(partition, attempt) in committed {
-            let name = part_file_name(partition as usize, self.spec.format);
+        for c in committed {
+            let name = part_file_name(c.partition as usize, self.spec.format);
             let from = StagedAttempt {
-                run_id: self.run_id.clone(),
-                stage,
-                attempt,
+                run_id: c.run_id.clone(),
+                stage: c.stage,
+                attempt: c.attempt,
             }
-            .dir(&self.prefix, partition)
+            .dir(&self.prefix, c.partition)
             .join(name.as_str());
             match self
                 .store
@@ -178,6 +191,30 @@ impl OutputCommit {
             rows,
             files: files.len() as u64,
         })
+    }
+
+    /// `_temporary/_epoch-<job uid>-<N>`: this job's driver of epoch N prepared the output.
+    fn epoch_marker(&self, epoch: u64) -> Path {
+        self.prefix
+            .clone()
+            .join(STAGING_DIR)
+            .join(format!("{EPOCH_MARKER}{}-{epoch}", self.job_uid).as_str())
+    }
+
+    /// The newest epoch of this job's drivers that prepared the output, if any did (those
+    /// of other jobs do not count: a failed job must not fence off the next).
+    async fn newest_epoch(&self) -> Result<Option<u64>> {
+        let ours = format!("{EPOCH_MARKER}{}-", self.job_uid);
+        let staging = self.prefix.clone().join(STAGING_DIR);
+        let listed = match self.store.list_with_delimiter(Some(&staging)).await {
+            Ok(l) => l.objects,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(write_err(&self.spec.uri)(e)),
+        };
+        Ok(listed
+            .iter()
+            .filter_map(|m| m.location.filename()?.strip_prefix(&ours)?.parse().ok())
+            .max())
     }
 
     /// The `_SUCCESS` marker, if there is one that Kiln wrote.
@@ -215,13 +252,10 @@ impl OutputCommit {
             .collect())
     }
 
-    /// Removes this run's staging directory: attempts that did not commit go with it.
+    /// Removes the staging area, every run's: attempts that did not commit go with it, and
+    /// so do those of earlier drivers of the job (fenced off by now).
     async fn remove_staging(&self) -> Result<()> {
-        let staging = self
-            .prefix
-            .clone()
-            .join(STAGING_DIR)
-            .join(self.run_id.as_str());
+        let staging = self.prefix.clone().join(STAGING_DIR);
         let leftovers: Vec<object_store::ObjectMeta> =
             match self.store.list(Some(&staging)).try_collect().await {
                 Ok(v) => v,
@@ -241,10 +275,7 @@ impl OutputCommit {
                 .map_err(drop)
                 .and_then(|u| u.to_file_path())
         {
-            let staging_dir = dir.join(STAGING_DIR);
-            let _ = std::fs::remove_dir_all(staging_dir.join(&self.run_id));
-            // Only when no other run (a zombie driver's) still stages there.
-            let _ = std::fs::remove_dir(&staging_dir);
+            let _ = std::fs::remove_dir_all(dir.join(STAGING_DIR));
         }
         Ok(())
     }

@@ -65,8 +65,9 @@ fn spec(dir: &Path, mode: WriteMode) -> OutputSpec {
     }
 }
 
-async fn values(ctx: &SessionContext, dir: &Path) -> Vec<i64> {
-    let df = ctx
+/// The values a reader sees (a fresh session each time: a session caches file listings).
+async fn values(_: &SessionContext, dir: &Path) -> Vec<i64> {
+    let df = SessionContext::new()
         .read_parquet(format!("{}/", dir.display()), ParquetReadOptions::default())
         .await
         .unwrap();
@@ -88,6 +89,19 @@ async fn values(ctx: &SessionContext, dir: &Path) -> Vec<i64> {
     out
 }
 
+/// The record of `run`'s attempt `attempt` of partition `partition` committing.
+fn rec(run: &str, partition: u32, attempt: u32) -> CommitRecord {
+    CommitRecord {
+        stage: STAGE,
+        fingerprint: 0,
+        partition,
+        run_id: run.into(),
+        attempt,
+        rows: 3,
+        files: 1,
+    }
+}
+
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -97,8 +111,8 @@ fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-async fn ready(ctx: &SessionContext, out: &OutputSpec, run: &str, uid: &str) -> OutputCommit {
-    match OutputCommit::prepare(ctx, out, run, uid).await.unwrap() {
+async fn ready(ctx: &SessionContext, out: &OutputSpec, uid: &str) -> OutputCommit {
+    match OutputCommit::prepare(ctx, out, uid, 1).await.unwrap() {
         Prepared::Ready(commit) => commit,
         Prepared::Committed(_) => panic!("expected a location to write"),
     }
@@ -110,13 +124,16 @@ async fn only_committed_attempts_reach_the_output_and_a_zombie_changes_nothing()
     let dir = tmp.path().join("out");
     let ctx = SessionContext::new();
     let out = spec(&dir, WriteMode::ErrorIfExists);
-    let commit = ready(&ctx, &out, "run-1", "job-a").await;
+    let commit = ready(&ctx, &out, "job-a").await;
     // Partition 0: attempt 0 wins. Partition 1: attempt 0 loses (a duplicate that wrote
     // other values), attempt 1 wins.
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
     write_attempt(&ctx, &dir, "run-1", 1, 0, 100).await;
     write_attempt(&ctx, &dir, "run-1", 1, 1, 0).await;
-    let summary = commit.commit(STAGE, &[(0, 0), (1, 1)], 6).await.unwrap();
+    let summary = commit
+        .commit(&[rec("run-1", 0, 0), rec("run-1", 1, 1)], 6)
+        .await
+        .unwrap();
     assert_eq!((summary.rows, summary.files), (6, 2));
     assert_eq!(
         listing(&dir),
@@ -144,21 +161,21 @@ async fn a_restart_of_the_same_job_keeps_its_output_and_another_job_is_refused()
     let dir = tmp.path().join("out");
     let ctx = SessionContext::new();
     let out = spec(&dir, WriteMode::ErrorIfExists);
-    let commit = ready(&ctx, &out, "run-1", "job-a").await;
+    let commit = ready(&ctx, &out, "job-a").await;
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
     write_attempt(&ctx, &dir, "run-1", 1, 0, 0).await;
-    commit.commit(STAGE, &[(0, 0), (1, 0)], 6).await.unwrap();
+    commit
+        .commit(&[rec("run-1", 0, 0), rec("run-1", 1, 0)], 6)
+        .await
+        .unwrap();
 
     // The same job's next driver run finds its own output committed: nothing to do.
-    match OutputCommit::prepare(&ctx, &out, "run-2", "job-a")
-        .await
-        .unwrap()
-    {
+    match OutputCommit::prepare(&ctx, &out, "job-a", 2).await.unwrap() {
         Prepared::Committed(summary) => assert_eq!((summary.rows, summary.files), (6, 2)),
         Prepared::Ready(_) => panic!("a committed output must not be written again"),
     }
     // Another job may not write there.
-    match OutputCommit::prepare(&ctx, &out, "run-3", "job-b").await {
+    match OutputCommit::prepare(&ctx, &out, "job-b", 1).await {
         Err(Error::OutputExists { .. }) => {}
         Err(e) => panic!("expected OutputExists, got {e}"),
         Ok(_) => panic!("expected OutputExists"),
@@ -170,18 +187,75 @@ async fn overwrite_keeps_the_old_output_until_the_new_one_commits() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("out");
     let ctx = SessionContext::new();
-    let first = ready(&ctx, &spec(&dir, WriteMode::Overwrite), "run-1", "job-a").await;
+    let first = ready(&ctx, &spec(&dir, WriteMode::Overwrite), "job-a").await;
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
     write_attempt(&ctx, &dir, "run-1", 1, 0, 0).await;
-    first.commit(STAGE, &[(0, 0), (1, 0)], 6).await.unwrap();
+    first
+        .commit(&[rec("run-1", 0, 0), rec("run-1", 1, 0)], 6)
+        .await
+        .unwrap();
     let old = values(&ctx, &dir).await;
 
     // A new job overwrites: while it runs, readers still see the old output whole.
-    let second = ready(&ctx, &spec(&dir, WriteMode::Overwrite), "run-9", "job-b").await;
+    let second = ready(&ctx, &spec(&dir, WriteMode::Overwrite), "job-b").await;
     write_attempt(&ctx, &dir, "run-9", 0, 0, 1000).await;
     assert_eq!(values(&ctx, &dir).await, old);
     // Its partition 1 turned out empty (no file): the old part-00001 must not survive.
-    second.commit(STAGE, &[(0, 0), (1, 0)], 3).await.unwrap();
+    second
+        .commit(&[rec("run-9", 0, 0), rec("run-9", 1, 0)], 3)
+        .await
+        .unwrap();
     assert_eq!(values(&ctx, &dir).await, [1000, 1001, 1002]);
+    assert_eq!(listing(&dir), ["_SUCCESS", "part-00000.parquet"]);
+}
+
+#[tokio::test]
+async fn a_replacement_driver_commits_what_its_predecessor_committed_with_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let ctx = SessionContext::new();
+    let out = spec(&dir, WriteMode::ErrorIfExists);
+    // The first driver committed partition 0, and had a losing attempt of partition 1
+    // going, when it was lost.
+    write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
+    write_attempt(&ctx, &dir, "run-1", 1, 0, 100).await;
+    // Its replacement prepares (nothing committed yet: no _SUCCESS), reruns partition 1
+    // only, and commits both.
+    let commit = ready(&ctx, &out, "job-a").await;
+    write_attempt(&ctx, &dir, "run-2", 1, 0, 0).await;
+    commit
+        .commit(&[rec("run-1", 0, 0), rec("run-2", 1, 0)], 6)
+        .await
+        .unwrap();
+    assert_eq!(values(&ctx, &dir).await, [0, 1, 2, 10, 11, 12]);
+    assert_eq!(
+        listing(&dir),
+        ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"],
+        "no staging of either run is left"
+    );
+}
+
+#[tokio::test]
+async fn a_driver_taken_over_cannot_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let ctx = SessionContext::new();
+    let out = spec(&dir, WriteMode::Overwrite);
+    let old = ready(&ctx, &out, "job-a").await;
+    write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
+    // A replacement of epoch 2 prepares the same output; the old driver, still running
+    // somewhere, tries to commit: refused, nothing moved.
+    let new = match OutputCommit::prepare(&ctx, &out, "job-a", 2).await.unwrap() {
+        Prepared::Ready(c) => c,
+        Prepared::Committed(_) => panic!("nothing was committed yet"),
+    };
+    match old.commit(&[rec("run-1", 0, 0)], 3).await {
+        Err(Error::Fenced {
+            epoch: 1, newer: 2, ..
+        }) => {}
+        other => panic!("expected the old driver fenced off, got {other:?}"),
+    }
+    assert_eq!(listing(&dir), ["_temporary"]);
+    new.commit(&[rec("run-1", 0, 0)], 3).await.unwrap();
     assert_eq!(listing(&dir), ["_SUCCESS", "part-00000.parquet"]);
 }

@@ -11,12 +11,15 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
 
 use super::core::{DriverCore, StageSubmission};
+use super::journal::fingerprint;
 use crate::plan::{KilnCodec, SinkExec, Stage};
 use crate::shuffle::{Location, ReadMode, ShuffleReaderExec, ShuffleWriterExec};
 use crate::{Error, Result};
 
 struct StagePlan {
     plan: Arc<dyn ExecutionPlan>,
+    /// What identifies the plan across driver runs.
+    fingerprint: u64,
     /// The plan encoded at an epoch of the stage.
     encoded: Option<(u64, Bytes)>,
 }
@@ -33,11 +36,13 @@ impl StagePlans {
         stages
             .into_iter()
             .map(|stage| {
-                tracing::debug!(
-                    stage = stage.id,
-                    plan = %datafusion::physical_plan::displayable(stage.plan.as_ref()).indent(true),
-                    "stage planned"
-                );
+                let text = datafusion::physical_plan::displayable(stage.plan.as_ref())
+                    .indent(true)
+                    .to_string();
+                tracing::debug!(stage = stage.id, plan = %text, "stage planned");
+                // The plan as displayed names every input file, expression and partitioning
+                // (not where shuffle inputs live): the same job plans the same text.
+                let fingerprint = fingerprint(&format!("{} {} {text}", stage.id, stage.partitions));
                 let submission = StageSubmission {
                     id: stage.id,
                     description: stage.description.clone(),
@@ -49,17 +54,24 @@ impl StagePlans {
                         .downcast_ref::<ShuffleWriterExec>()
                         .is_some_and(|w| w.partitioning().is_some()),
                     sink: stage.plan.is::<SinkExec>(),
+                    fingerprint,
                 };
                 self.plans.insert(
                     stage.id,
                     StagePlan {
                         plan: stage.plan,
+                        fingerprint,
                         encoded: None,
                     },
                 );
                 submission
             })
             .collect()
+    }
+
+    /// The fingerprint of a stage's plan (0 for a stage not planned here).
+    pub fn fingerprint(&self, stage: u32) -> u64 {
+        self.plans.get(&stage).map_or(0, |p| p.fingerprint)
     }
 
     /// The stage's plan with its readers pointing at the current locations of their inputs,

@@ -133,7 +133,7 @@ impl JobRun<'_> {
                 core.stage(stage).map_or(0, |s| s.counters.output_rows),
             )
         });
-        commit.commit(stage, &committed, rows).await
+        commit.commit(&committed, rows).await
     }
 
     /// Makes table `name` read the cached output of `stage`.
@@ -201,7 +201,8 @@ impl JobRun<'_> {
     }
 }
 
-/// Waits until `stage` is complete and returns where its partitions live.
+/// Waits until `stage` is complete and every partition lives on a live executor; returns
+/// where.
 async fn wait_for_stage(shared: &Shared, stage: u32) -> Result<Vec<(String, String)>> {
     shared
         .wait_for(Duration::from_secs(1), |core| match core.outcome(stage) {
@@ -224,7 +225,17 @@ async fn run_stages(
         let submissions = s.plans.add(stages);
         s.core.submit(step, submissions, keep_final)
     });
-    wait_for_stage(shared, final_stage).await?;
+    // Only completion matters here: an output stage's partitions may have been written by
+    // executors lost since (their files outlive them), so there are no locations to wait for.
+    shared
+        .wait_for(Duration::from_secs(1), |core| {
+            match core.outcome(final_stage) {
+                StageOutcome::Failed(failure) => Some(Err(Error::JobFailed { failure })),
+                StageOutcome::Succeeded => Some(Ok(())),
+                StageOutcome::Waiting => None,
+            }
+        })
+        .await?;
     shared.act(|s| s.core.collect_garbage());
     Ok(final_stage)
 }

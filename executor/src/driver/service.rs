@@ -9,6 +9,7 @@ use tokio::sync::{Notify, broadcast};
 use tonic::{Request, Response, Status};
 
 use super::core::{DriverCore, PollAnswer, Progress, Registration, TaskOutcome};
+use super::journal::Journal;
 use super::plans::StagePlans;
 use super::scheduler::{LossReason, TaskFailure, TaskId};
 use crate::rpc::{self, FailureKind, task_report::Outcome};
@@ -34,6 +35,8 @@ pub(crate) struct Shared {
     pub spec_json: String,
     /// This driver run's id: output attempts are staged under it.
     pub job_id: String,
+    /// This driver's epoch: executors follow only the highest they have seen.
+    pub epoch: u64,
     /// The job's identity across driver runs (a ComputeJob's uid).
     pub job_uid: String,
     token: Option<String>,
@@ -43,13 +46,16 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn new(
         core: DriverCore,
+        run_id: String,
         spec_json: String,
         token: Option<String>,
         job_uid: Option<String>,
         heartbeat_timeout: Duration,
     ) -> Self {
-        let job_id = uuid::Uuid::new_v4().to_string();
+        let job_id = run_id;
+        let epoch = core.driver_losses() as u64 + 1;
         Self {
+            epoch,
             state: Mutex::new(DriverState {
                 core,
                 plans: StagePlans::default(),
@@ -108,16 +114,17 @@ impl Shared {
 
     fn check_token(&self, token: &str) -> Result<(), Status> {
         match &self.token {
-            Some(t) if !constant_time_eq(t.as_bytes(), token.as_bytes()) => Err(
-                Status::unauthenticated("this executor does not carry the job's token"),
-            ),
+            Some(t) if !secrets_match(t, token) => Err(Status::unauthenticated(
+                "this executor does not carry the job's token",
+            )),
             _ => Ok(()),
         }
     }
 }
 
 /// Compares secrets in time that depends on their lengths only.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn secrets_match(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -184,9 +191,20 @@ impl rpc::driver_server::Driver for DriverService {
     ) -> Result<Response<rpc::RegisterResponse>, Status> {
         let req = request.into_inner();
         self.shared.check_token(&req.token)?;
+        let held: Vec<(u32, u64, Vec<u32>)> = req
+            .held_stages
+            .into_iter()
+            .map(|h| (h.stage_id, h.fingerprint, h.partitions))
+            .collect();
+        let journal = Journal::decode(&req.journal);
         let answer = self.shared.act(|s| {
-            s.core
-                .register(&req.executor_id, &req.flight_address, Instant::now())
+            s.core.register(
+                &req.executor_id,
+                &req.flight_address,
+                &held,
+                journal,
+                Instant::now(),
+            )
         });
         if let Registration::Refused(why) = answer {
             return Err(Status::failed_precondition(why));
@@ -196,6 +214,7 @@ impl rpc::driver_server::Driver for DriverService {
             job_spec_json: self.shared.spec_json.clone(),
             job_id: self.shared.job_id.clone(),
             heartbeat_timeout_ms: self.shared.heartbeat_timeout.as_millis() as u64,
+            epoch: self.shared.epoch,
         }))
     }
 
@@ -230,7 +249,7 @@ impl rpc::driver_server::Driver for DriverService {
                     round == 1,
                     Instant::now(),
                 );
-                let (tasks, drops) = match answer {
+                let (tasks, drops, journal) = match answer {
                     PollAnswer::Wait => return None,
                     PollAnswer::Shutdown => {
                         return Some(rpc::PollResponse {
@@ -244,7 +263,11 @@ impl rpc::driver_server::Driver for DriverService {
                             ..Default::default()
                         });
                     }
-                    PollAnswer::Work { tasks, drops } => (tasks, drops),
+                    PollAnswer::Work {
+                        tasks,
+                        drops,
+                        journal,
+                    } => (tasks, drops, journal),
                 };
                 let mut defs = Vec::with_capacity(tasks.len());
                 for (task, attempt) in tasks {
@@ -254,6 +277,7 @@ impl rpc::driver_server::Driver for DriverService {
                             partition: task.partition,
                             attempt,
                             plan: plan.to_vec(),
+                            fingerprint: s.plans.fingerprint(task.stage),
                         }),
                         Err(e) => {
                             s.core
@@ -264,6 +288,7 @@ impl rpc::driver_server::Driver for DriverService {
                 Some(rpc::PollResponse {
                     tasks: defs,
                     drop_stages: drops,
+                    journal: journal.unwrap_or_default(),
                     ..Default::default()
                 })
             });

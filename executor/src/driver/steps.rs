@@ -68,8 +68,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
     let needed = check_steps(spec, &ctx).await?;
     let target = spec.target_step().expect("checked above");
     let commit = match &spec.output {
-        Some(out) => match OutputCommit::prepare(&ctx, out, &shared.job_id, &shared.job_uid).await?
-        {
+        Some(out) => match OutputCommit::prepare(&ctx, out, &shared.job_uid, shared.epoch).await? {
             Prepared::Ready(commit) => Some(commit),
             Prepared::Committed(output) => {
                 let mut summary = shared.read(|core| core.summary(spec));

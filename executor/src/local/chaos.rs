@@ -1,5 +1,6 @@
 //! Chaos for local mode and tests: kill (or pause) an executor process at a chosen point of
-//! the job, the way a spot reclaim would, repeatable with a seed. A pure state machine fed
+//! the job, the way a spot reclaim would, or kill the driver, the way losing its node
+//! would; repeatable with a seed. A pure state machine fed
 //! the driver's progress events; the local runner carries out what it decides.
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -43,10 +44,12 @@ pub enum ChaosTarget {
     Busiest,
     /// This executor.
     Executor(String),
+    /// The driver: it is killed (a replacement takes the executors over).
+    Driver,
 }
 
 /// One chaos event: `stage=3,at=50%`, `after-stage=2,executor=exec-1`, `at=50%,pause=3s`,
-/// `iteration=5`.
+/// `iteration=5`, `driver,after-stage=2`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChaosEvent {
     /// When.
@@ -59,6 +62,9 @@ pub struct ChaosEvent {
 
 impl fmt::Display for ChaosEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.target == ChaosTarget::Driver {
+            write!(f, "driver,")?;
+        }
         match &self.point {
             ChaosPoint::AfterStage(s) => write!(f, "after-stage={s}")?,
             ChaosPoint::Iteration(n) => write!(f, "iteration={n}")?,
@@ -72,7 +78,7 @@ impl fmt::Display for ChaosEvent {
         match &self.target {
             ChaosTarget::Executor(e) => write!(f, ",executor={e}")?,
             ChaosTarget::Busiest => write!(f, ",executor=busiest")?,
-            ChaosTarget::Random => {}
+            ChaosTarget::Random | ChaosTarget::Driver => {}
         }
         if let ChaosAction::Pause(d) = self.action {
             write!(f, ",pause={}ms", d.as_millis())?;
@@ -115,6 +121,10 @@ impl std::str::FromStr for ChaosEvent {
         let mut action = ChaosAction::Kill;
         let mut target = ChaosTarget::Random;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part == "driver" {
+                target = ChaosTarget::Driver;
+                continue;
+            }
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(spec, format!("`{part}` is not key=value")))?;
@@ -144,11 +154,14 @@ impl std::str::FromStr for ChaosEvent {
                     return Err(bad(
                         spec,
                         format!(
-                            "unknown key `{key}` (use stage, at, after-stage, iteration, executor, pause)"
+                            "unknown key `{key}` (use driver, stage, at, after-stage, iteration, executor, pause)"
                         ),
                     ));
                 }
             }
+        }
+        if target == ChaosTarget::Driver && action != ChaosAction::Kill {
+            return Err(bad(spec, "the driver can only be killed, not paused"));
         }
         if let Some(n) = iteration {
             if after.is_some() || percent.is_some() || stage.is_some() {
@@ -203,11 +216,20 @@ impl SplitMix {
     }
 }
 
+/// Whom an order hits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Victim {
+    /// This executor.
+    Executor(String),
+    /// The driver.
+    Driver,
+}
+
 /// An order to carry out now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChaosOrder {
-    /// The executor.
-    pub executor: String,
+    /// Whom.
+    pub victim: Victim,
     /// What to do to it.
     pub action: ChaosAction,
     /// The event that fired, for logs.
@@ -285,21 +307,22 @@ impl Chaos {
             }
             let ev = self.pending.remove(i);
             let live = known.get_or_insert_with(|| live.take().map(|f| f()).unwrap_or_default());
-            let executor = match &ev.target {
-                ChaosTarget::Executor(e) => Some(e.clone()),
+            let victim = match &ev.target {
+                ChaosTarget::Driver => Some(Victim::Driver),
+                ChaosTarget::Executor(e) => Some(Victim::Executor(e.clone())),
                 ChaosTarget::Random if live.is_empty() => None,
                 ChaosTarget::Random => {
                     let k = (self.rng.next() % live.len() as u64) as usize;
-                    live.keys().nth(k).cloned()
+                    live.keys().nth(k).cloned().map(Victim::Executor)
                 }
                 ChaosTarget::Busiest => live
                     .iter()
                     .max_by_key(|(id, held)| (**held, std::cmp::Reverse(*id)))
-                    .map(|(id, _)| id.clone()),
+                    .map(|(id, _)| Victim::Executor(id.clone())),
             };
-            if let Some(executor) = executor {
+            if let Some(victim) = victim {
                 orders.push(ChaosOrder {
-                    executor,
+                    victim,
                     action: ev.action,
                     event: ev.to_string(),
                 });
@@ -344,6 +367,8 @@ mod tests {
             "after-stage=2,executor=exec-1",
             "at=30%,pause=2000ms",
             "iteration=4,executor=exec-2",
+            "driver,after-stage=2",
+            "driver,stage=3,at=50%",
         ] {
             let ev: ChaosEvent = spec.parse().unwrap();
             assert_eq!(ev.to_string(), spec);
@@ -357,6 +382,7 @@ mod tests {
             "stage=x",
             "when=now",
             "after-stage=1,at=5%",
+            "driver,after-stage=1,pause=2s",
         ] {
             let err = bad.parse::<ChaosEvent>().unwrap_err();
             assert!(matches!(err, Error::Chaos { .. }), "{bad}: {err}");
@@ -385,17 +411,26 @@ mod tests {
         let pick = |seed| {
             let mut c = Chaos::new(vec!["after-stage=1".parse().unwrap()], seed);
             c.observe(&Progress::StageDone { stage: 1 }, live)[0]
-                .executor
+                .victim
                 .clone()
         };
         assert_eq!(pick(42), pick(42));
-        let picks: std::collections::BTreeSet<String> = (0..32).map(pick).collect();
+        let picks: std::collections::BTreeSet<String> = (0..32)
+            .map(|seed| match pick(seed) {
+                Victim::Executor(e) => e,
+                Victim::Driver => panic!("an executor event hit the driver"),
+            })
+            .collect();
         assert!(picks.len() > 1, "{picks:?}");
         let mut busiest = Chaos::new(vec!["after-stage=1,executor=busiest".parse().unwrap()], 1);
         let orders = busiest.observe(&Progress::StageDone { stage: 1 }, live);
         assert_eq!(
-            orders[0].executor, "exec-1",
+            orders[0].victim,
+            Victim::Executor("exec-1".into()),
             "most outputs, lowest id on a tie"
         );
+        let mut driver = Chaos::new(vec!["driver,after-stage=1".parse().unwrap()], 1);
+        let orders = driver.observe(&Progress::StageDone { stage: 1 }, live);
+        assert_eq!(orders[0].victim, Victim::Driver);
     }
 }

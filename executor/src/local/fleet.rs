@@ -1,16 +1,18 @@
 //! The local runner's executor processes: starts them, notices when one dies or is declared
 //! lost, tells the driver and starts a replacement under a new id (as the operator does with
-//! pods), and carries out chaos orders.
-use std::collections::{HashMap, HashSet};
+//! pods), and carries out chaos orders. It follows the driver of the moment: when chaos
+//! kills the driver, the local runner starts a replacement and hands the fleet its handle.
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_api::launch::ExecutorLaunch;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::chaos::{Chaos, ChaosAction, ChaosOrder};
+use super::chaos::{Chaos, ChaosAction, ChaosOrder, Victim};
 use crate::driver::scheduler::LossReason;
 use crate::driver::{DriverHandle, Progress};
 use crate::{Error, Result};
@@ -48,6 +50,7 @@ impl Launcher {
             driver: self.driver_url.clone(),
             id: id.to_string(),
             host: "127.0.0.1".into(),
+            port: 0,
             advertise_host: None,
             slots: None,
             memory: None,
@@ -94,10 +97,20 @@ async fn signal(pid: u32, name: &str) {
     }
 }
 
+/// Block-service addresses of the live executors, by id: what a replacement driver takes
+/// over (the operator knows its executors' pod IPs the same way).
+pub(crate) type Addresses = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// A replacement driver: its handle and its control service's URL.
+pub(crate) type NewDriver = (DriverHandle, String);
+
 /// The supervisor's state.
 pub(crate) struct Fleet {
     launcher: Launcher,
     driver: DriverHandle,
+    addresses: Addresses,
+    /// Asks the local runner to kill the driver (chaos).
+    kill_driver: mpsc::UnboundedSender<()>,
     budget: u32,
     chaos: Chaos,
     running: HashMap<String, Running>,
@@ -110,10 +123,19 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(launcher: Launcher, driver: DriverHandle, budget: u32, chaos: Chaos) -> Self {
+    pub fn new(
+        launcher: Launcher,
+        driver: DriverHandle,
+        budget: u32,
+        chaos: Chaos,
+        addresses: Addresses,
+        kill_driver: mpsc::UnboundedSender<()>,
+    ) -> Self {
         Self {
             launcher,
             driver,
+            addresses,
+            kill_driver,
             budget,
             chaos,
             running: HashMap::new(),
@@ -156,12 +178,18 @@ impl Fleet {
         Ok(())
     }
 
-    /// Starts `count` executors and supervises them until `stop` fires (the job is over).
+    /// Starts `count` executors and supervises them until `stop` fires (the job is over),
+    /// following the job's `progress` and the replacement drivers `drivers` announces.
     /// Aborting the returned task kills every process still running.
-    pub fn start(mut self, count: u32, mut stop: oneshot::Receiver<()>) -> Result<JoinHandle<()>> {
+    pub fn start(
+        mut self,
+        count: u32,
+        mut stop: oneshot::Receiver<()>,
+        mut progress: broadcast::Receiver<Progress>,
+        mut drivers: mpsc::UnboundedReceiver<NewDriver>,
+    ) -> Result<JoinHandle<()>> {
         let (exit_tx, mut exit_rx) = mpsc::channel::<Exit>(64);
         let mut waiters = JoinSet::new();
-        let mut progress = self.driver.subscribe();
         for _ in 0..count {
             self.launch(&mut waiters, &exit_tx)?;
         }
@@ -170,6 +198,11 @@ impl Fleet {
             loop {
                 tokio::select! {
                     _ = &mut stop, if !stopping => stopping = true,
+                    Some((driver, url)) = drivers.recv() => {
+                        // Replacements started from now on dial the new driver.
+                        self.driver = driver;
+                        self.launcher.driver_url = url;
+                    }
                     Some(exit) = exit_rx.recv() => self.exited(exit, stopping, &mut waiters, &exit_tx),
                     event = progress.recv(), if !stopping => match event {
                         Ok(event) => self.observe(&event, &mut waiters, &exit_tx),
@@ -196,6 +229,10 @@ impl Fleet {
         exits: &mpsc::Sender<Exit>,
     ) {
         self.running.remove(&exit.id);
+        self.addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&exit.id);
         match &exit.status {
             Ok(s) if s.success() => tracing::info!(executor = %exit.id, "executor process exited"),
             Ok(s) => tracing::warn!(executor = %exit.id, status = %s, "executor process died"),
@@ -229,6 +266,14 @@ impl Fleet {
     }
 
     fn observe(&mut self, event: &Progress, waiters: &mut JoinSet<()>, exits: &mpsc::Sender<Exit>) {
+        if let Progress::ExecutorRegistered { executor, address } = event
+            && self.running.contains_key(executor)
+        {
+            self.addresses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(executor.clone(), address.clone());
+        }
         if let Progress::ExecutorLost { executor, .. } = event
             && self.running.contains_key(executor)
         {
@@ -251,21 +296,29 @@ impl Fleet {
     }
 
     fn carry_out(&mut self, order: ChaosOrder) {
-        let Some(running) = self.running.get_mut(&order.executor) else {
-            tracing::warn!(executor = %order.executor, event = %order.event, "chaos: no such executor process");
+        let executor = match order.victim {
+            Victim::Driver => {
+                tracing::warn!(event = %order.event, "chaos: killing the driver");
+                let _ = self.kill_driver.send(());
+                return;
+            }
+            Victim::Executor(e) => e,
+        };
+        let Some(running) = self.running.get_mut(&executor) else {
+            tracing::warn!(%executor, event = %order.event, "chaos: no such executor process");
             return;
         };
         match order.action {
             ChaosAction::Kill => {
-                tracing::warn!(executor = %order.executor, event = %order.event, "chaos: killing executor");
-                self.killed.insert(order.executor.clone(), Instant::now());
+                tracing::warn!(%executor, event = %order.event, "chaos: killing executor");
+                self.killed.insert(executor.clone(), Instant::now());
                 if let Some(kill) = running.kill.take() {
                     let _ = kill.send(());
                 }
             }
             ChaosAction::Pause(d) => {
                 let Some(pid) = running.pid else { return };
-                tracing::warn!(executor = %order.executor, event = %order.event, "chaos: pausing executor");
+                tracing::warn!(%executor, event = %order.event, "chaos: pausing executor");
                 // Detached on purpose: resuming must happen even if nobody waits for it.
                 tokio::spawn(async move {
                     signal(pid, "STOP").await;

@@ -25,16 +25,74 @@ use crate::{Error, Result};
 
 type BoxedFlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Serves an executor's blocks.
+/// The Flight action a replacement driver sends an executor to take it over.
+pub const ATTACH_ACTION: &str = "attach";
+
+/// A replacement driver asking an executor to follow it (the body of [`ATTACH_ACTION`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachRequest {
+    /// The new driver's control service, `http://host:port`.
+    pub driver: String,
+    /// Its epoch: higher than that of any driver the executor followed before.
+    pub epoch: u64,
+    /// The per-job secret.
+    pub token: String,
+}
+
+/// Decides on an attach request: `Ok` to follow the new driver, or why not.
+pub type AttachHandler = Arc<dyn Fn(AttachRequest) -> Result<(), Status> + Send + Sync>;
+
+/// Serves an executor's blocks, and hears replacement drivers out.
 pub struct BlockFlightService {
     store: Arc<BlockStore>,
+    attach: Option<AttachHandler>,
 }
 
 impl BlockFlightService {
     /// A service over `store`.
     pub fn new(store: Arc<BlockStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            attach: None,
+        }
     }
+
+    /// Answers [`ATTACH_ACTION`] with `handler`.
+    pub fn with_attach(mut self, handler: AttachHandler) -> Self {
+        self.attach = Some(handler);
+        self
+    }
+}
+
+/// Asks the executor at `address` (`host:port`) to follow a new driver.
+pub async fn send_attach(address: &str, request: &AttachRequest) -> Result<()> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|source| Error::Connect {
+            address: address.into(),
+            source,
+        })?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+        address: address.into(),
+        source,
+    })?;
+    let body = serde_json::to_vec(request).map_err(|e| Error::Driver(e.to_string()))?;
+    let mut stream = FlightServiceClient::new(channel)
+        .do_action(Action {
+            r#type: ATTACH_ACTION.into(),
+            body: body.into(),
+        })
+        .await
+        .map_err(|s| Error::rpc("attach", s))?
+        .into_inner();
+    while stream
+        .message()
+        .await
+        .map_err(|s| Error::rpc("attach", s))?
+        .is_some()
+    {}
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -103,9 +161,23 @@ impl FlightService for BlockFlightService {
     }
     async fn do_action(
         &self,
-        _: Request<Action>,
+        request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        Err(Status::unimplemented("do_action"))
+        let action = request.into_inner();
+        if action.r#type != ATTACH_ACTION {
+            return Err(Status::unimplemented(format!(
+                "unknown action `{}`",
+                action.r#type
+            )));
+        }
+        let handler = self
+            .attach
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this executor cannot be taken over"))?;
+        let attach: AttachRequest = serde_json::from_slice(&action.body)
+            .map_err(|e| Status::invalid_argument(format!("attach request: {e}")))?;
+        handler(attach)?;
+        Ok(Response::new(Box::pin(futures::stream::empty())))
     }
     async fn list_actions(
         &self,

@@ -14,7 +14,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::TaskContext;
 
-pub use flight::{BlockFlightService, PeerClients};
+pub use flight::{
+    ATTACH_ACTION, AttachHandler, AttachRequest, BlockFlightService, PeerClients, send_attach,
+};
 pub use reader::{Location, ReadMode, ShuffleReaderExec};
 pub use writer::ShuffleWriterExec;
 

@@ -57,8 +57,11 @@ impl Run<'_, '_> {
             };
             let node_lost = self.node_lost(&pod);
             if podstate::phase(&pod) == "Succeeded" {
-                // Executors exit 0 when the driver tells them the job is over.
+                // Executors exit 0 when the driver tells them the job is over. Still tracked:
+                // a later look before the driver's own end must not take the job for one
+                // short of executors.
                 finishing = true;
+                live.push(name);
             } else if node_lost || podstate::is_disrupted(&pod) {
                 if node_lost {
                     suspect.extend(podstate::node(&pod).map(str::to_string));

@@ -7,15 +7,16 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kiln_api::crd::{CONDITION_PROGRESSING, LABEL_ATTEMPT, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
+use kiln_api::crd::{LABEL_ATTEMPT, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
 use kiln_api::rpc::JobStatusResponse;
 use kiln_api::{ComputeJob, ComputeJobStatus, DriverReport, FailureReason, JobPhase};
 use kube::ResourceExt;
 
 use crate::children::{MAX_NAME_LENGTH, driver_service, spec_config_map, token_secret};
 use crate::config::OperatorConfig;
-use crate::pods::{PodContext, driver_pod};
+use crate::pods::{PodContext, Takeover, driver_pod};
 
+mod driver_loss;
 mod endings;
 mod executors;
 use crate::podstate::{self, LossReason};
@@ -413,18 +414,24 @@ impl Run<'_, '_> {
         let Some(pod) = driver else {
             // The first driver, or the first after a resume; otherwise the driver vanished.
             if self.status.driver.attempt == 0 || self.old.phase == JobPhase::Suspended {
-                self.start_driver(false);
+                self.start_driver(None);
             } else {
                 self.driver_gone();
             }
             return;
         };
+        // A driver that ended reports what it resumed one last time.
+        if let Some(report) = report_of(&pod) {
+            self.resumed(&pod, report.stages_resumed);
+        }
         match self.driver_state(&pod) {
             DriverState::Succeeded(report) => self.succeed(report),
             DriverState::Failed { reason, message } => self.fail(reason, message),
             DriverState::Lost { detail, node_lost } => self.driver_lost(&pod, detail, node_lost),
             DriverState::Stuck { reason, message } => self.stuck(&pod, &reason, &message),
             DriverState::Starting => {
+                // A replacement's executors wait for it to attach to them.
+                self.hold_executors();
                 self.status.phase = JobPhase::Pending;
                 self.state = Some(Outlook::Pending {
                     reason: "DriverStarting",
@@ -442,6 +449,7 @@ impl Run<'_, '_> {
                     progress.tasks_done = p.tasks_done;
                     progress.summary = format!("{}/{}", p.tasks_done, p.tasks_total);
                     self.status.recovery.partitions_recomputed = p.partitions_recomputed;
+                    self.resumed(&pod, p.stages_resumed);
                 }
                 self.state = Some(Outlook::Running);
                 self.requeue(self.config().progress_interval());
@@ -450,22 +458,12 @@ impl Run<'_, '_> {
         }
     }
 
-    /// Creates the next driver pod and what it needs.
-    fn start_driver(&mut self, restart: bool) {
+    /// Creates the next driver pod and what it needs: the first (or the first after a
+    /// resume), or the replacement of a lost driver, which takes over `takeover`.
+    fn start_driver(&mut self, takeover: Option<Takeover>) {
         let attempt = self.status.driver.attempt + 1;
         let name = self.name();
-        if restart {
-            self.status.driver.restarts += 1;
-            self.event(
-                true,
-                "DriverRestarted",
-                format!(
-                    "driver pod recreated (restart {} of at most {}); the job reruns from the start",
-                    self.status.driver.restarts,
-                    self.config().max_driver_restarts
-                ),
-            );
-        } else {
+        if takeover.is_none() {
             self.status.start_time = Some(self.now());
             let resumed = self.old.phase == JobPhase::Suspended;
             self.event(
@@ -473,77 +471,26 @@ impl Run<'_, '_> {
                 if resumed { "Resumed" } else { "Started" },
                 format!("created driver pod {name}-driver (attempt {attempt})"),
             );
+            self.status.executors.pods.clear();
+            self.status.executors.running = 0;
         }
         let ctx = self.pod_ctx();
         let children = [
             Child::Secret(Box::new(token_secret(self.obs.job, self.obs.token))),
             Child::ConfigMap(Box::new(spec_config_map(self.obs.job))),
             Child::Service(Box::new(driver_service(self.obs.job))),
-            Child::Pod(Box::new(driver_pod(ctx, attempt))),
+            Child::Pod(Box::new(driver_pod(ctx, attempt, takeover.as_ref()))),
         ];
         self.plan
             .actions
             .extend(children.into_iter().map(Action::Apply));
         self.status.driver.attempt = attempt;
-        self.status.executors.pods.clear();
-        self.status.executors.running = 0;
         self.status.phase = JobPhase::Pending;
         self.state = Some(Outlook::Pending {
             reason: "DriverStarting",
             message: format!("created driver pod {name}-driver (attempt {attempt})"),
         });
         self.requeue(self.config().progress_interval());
-    }
-
-    /// The driver pod vanished while the job ran.
-    fn driver_gone(&mut self) {
-        self.delete_executors();
-        if self.status.driver.restarts >= self.config().max_driver_restarts {
-            self.fail(
-                FailureReason::DriverLost,
-                format!(
-                    "the driver pod was lost {} times (at most {} restarts)",
-                    self.status.driver.restarts + 1,
-                    self.config().max_driver_restarts
-                ),
-            );
-        } else {
-            self.start_driver(true);
-        }
-    }
-
-    /// The driver pod is lost but still there: clear the way for its replacement.
-    fn driver_lost(&mut self, pod: &Pod, detail: String, node_lost: bool) {
-        let name = podstate::name(pod).to_string();
-        if self.status.driver.restarts >= self.config().max_driver_restarts {
-            self.fail(
-                FailureReason::DriverLost,
-                format!(
-                    "driver pod {name} was lost ({detail}) after {} restarts",
-                    self.status.driver.restarts
-                ),
-            );
-            return;
-        }
-        let first_sight = self
-            .old
-            .condition(CONDITION_PROGRESSING)
-            .is_none_or(|c| c.reason != "DriverLost");
-        if first_sight {
-            self.event(
-                true,
-                "DriverLost",
-                format!("driver pod {name} lost: {detail}"),
-            );
-        }
-        self.delete_executors();
-        self.delete(pod, node_lost);
-        self.status.phase = JobPhase::Pending;
-        self.state = Some(Outlook::Pending {
-            reason: "DriverLost",
-            message: format!("driver pod {name} lost ({detail}); it is recreated once gone"),
-        });
-        self.requeue(Duration::from_secs(1));
     }
 
     /// A pod whose container cannot start: wait out the grace period, then fail.

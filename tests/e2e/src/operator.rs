@@ -1,15 +1,17 @@
 //! Support for the operator's end-to-end tests: the CRD, the operator as a local process
-//! (with the test cluster's kubeconfig), ComputeJobs, their outputs and the driver's
-//! progress.
+//! (with the test cluster's kubeconfig), ComputeJobs, their events, their outputs and the
+//! driver's progress.
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
 use kiln_api::{ComputeJob, JobPhase};
-use kube::api::PostParams;
-use kube::{Api, Client};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
 
 use crate::{http, kubectl, repo, wait_for};
 
@@ -90,6 +92,62 @@ pub fn csv_rows(dir: &Path) -> Result<Vec<String>> {
     Ok(rows)
 }
 
+/// What a committed output's `_SUCCESS` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The job that committed it (a ComputeJob's uid).
+    pub job_uid: String,
+    /// Rows written.
+    pub rows: u64,
+    /// The part files, by name.
+    pub files: BTreeSet<String>,
+}
+
+/// Checks that `dir` holds one committed output and nothing else: a JSON `_SUCCESS`
+/// (`{"jobUid", "rows", "files"}`) and exactly the part files it lists; no `_temporary`
+/// staging left, no stray file or directory.
+pub fn committed_once(dir: &Path) -> Result<Committed> {
+    let marker = std::fs::read_to_string(dir.join("_SUCCESS"))
+        .with_context(|| format!("{} has no _SUCCESS marker", dir.display()))?;
+    let marker: serde_json::Value = serde_json::from_str(&marker)
+        .with_context(|| format!("_SUCCESS of {} is not JSON: {marker}", dir.display()))?;
+    let files = marker["files"]
+        .as_array()
+        .with_context(|| format!("_SUCCESS lists no files: {marker}"))?
+        .iter()
+        .map(|f| f.as_str().map(str::to_string))
+        .collect::<Option<BTreeSet<String>>>()
+        .with_context(|| format!("_SUCCESS files are not names: {marker}"))?;
+    let committed = Committed {
+        job_uid: marker["jobUid"].as_str().unwrap_or_default().to_string(),
+        rows: marker["rows"]
+            .as_u64()
+            .with_context(|| format!("_SUCCESS has no row count: {marker}"))?,
+        files,
+    };
+    ensure!(
+        committed
+            .files
+            .iter()
+            .all(|f| f.starts_with("part-") && !f.contains('/')),
+        "_SUCCESS lists other than part files: {marker}"
+    );
+    let mut present = BTreeSet::new();
+    for entry in std::fs::read_dir(dir)? {
+        present.insert(entry?.file_name().to_string_lossy().into_owned());
+    }
+    let mut expected = committed.files.clone();
+    expected.insert("_SUCCESS".into());
+    ensure!(
+        present == expected,
+        "{} holds {:?} beyond what _SUCCESS lists, and lacks {:?}",
+        dir.display(),
+        present.difference(&expected).collect::<Vec<_>>(),
+        expected.difference(&present).collect::<Vec<_>>()
+    );
+    Ok(committed)
+}
+
 /// Runs job spec `spec` locally (`kiln run`) with its output in `out`; returns the rows.
 pub async fn run_locally(spec: &str, out: &Path) -> Result<Vec<String>> {
     let file = out.with_extension("yaml");
@@ -142,6 +200,89 @@ pub async fn wait_finished(
         serde_json::to_string_pretty(&status)?
     );
     Ok(job)
+}
+
+/// The events recorded on ComputeJob `name`: (reason, note), oldest first.
+pub async fn job_events(client: &Client, ns: &str, name: &str) -> Result<Vec<(String, String)>> {
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let mut ours: Vec<Event> = events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some("ComputeJob") && r.name.as_deref() == Some(name)
+            })
+        })
+        .collect();
+    ours.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    Ok(ours
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect())
+}
+
+/// A job's driver pod as it runs.
+#[derive(Clone, Debug)]
+pub struct RunningDriver {
+    /// The pod's uid: each driver attempt has its own.
+    pub uid: String,
+    /// The pod's IP.
+    pub ip: String,
+    /// The node it runs on.
+    pub node: String,
+}
+
+/// Waits until job `name`'s driver pod runs with an address, and is not the pod `not`
+/// (a replacement's uid differs from the pod it replaces); fails early if the job finishes.
+pub async fn running_driver(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    not: Option<&str>,
+    timeout: Duration,
+) -> Result<RunningDriver> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let jobs: Api<ComputeJob> = Api::namespaced(client.clone(), ns);
+    let what = match not {
+        None => format!("{name}'s driver to run"),
+        Some(_) => format!("{name}'s replacement driver to run"),
+    };
+    wait_for(&what, timeout, || async {
+        if let Some(s) = jobs.get(name).await?.status
+            && s.phase.is_finished()
+        {
+            return Ok(Some(Err(anyhow::anyhow!(
+                "{name} finished ({:?}) while waiting for {what}",
+                s.phase
+            ))));
+        }
+        let Some(pod) = pods.get_opt(&format!("{name}-driver")).await? else {
+            return Ok(None);
+        };
+        let uid = pod.uid().unwrap_or_default();
+        if Some(uid.as_str()) == not || pod.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let status = pod.status.unwrap_or_default();
+        let ip = status.pod_ip.filter(|ip| !ip.is_empty());
+        Ok(match (status.phase.as_deref(), ip, node) {
+            (Some("Running"), Some(ip), Some(node)) => Some(Ok(RunningDriver { uid, ip, node })),
+            _ => None,
+        })
+    })
+    .await?
+}
+
+/// Deletes pod `name` at once (grace period 0), as a node that vanishes would leave it.
+pub async fn force_delete_pod(client: &Client, ns: &str, name: &str) -> Result<()> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .delete(name, &DeleteParams::default().grace_period(0))
+        .await
+        .with_context(|| format!("force-deleting pod {ns}/{name}"))?;
+    Ok(())
 }
 
 /// The job's token, for talking to its driver as the operator does.

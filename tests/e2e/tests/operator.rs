@@ -2,7 +2,8 @@
 //! operator running as a local process with the cluster's kubeconfig, ComputeJobs run to
 //! `Succeeded` with the output `kiln run` gives locally, the driver on an on-demand node and
 //! every executor on a spot node, a spot node killed mid-shuffle, the operator restarted
-//! mid-job, and bad specs refused or failed without disturbing good jobs.
+//! mid-job, a driver lost mid-job (its replacement takes over and resumes), and bad specs
+//! refused or failed without disturbing good jobs.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,6 +23,10 @@ use kiln_e2e::{
     PodWatch, TestNamespace, agent_control, client, kubectl, node_capacity_types, node_ready, repo,
     serial, wait_for,
 };
+
+#[path = "operator/takeover.rs"]
+mod takeover;
+use takeover::{TAKEOVER_PARTITIONS, driver_deleted, driver_node_killed};
 
 /// The operator's configuration in these tests: progress read every second, a short
 /// image-pull grace.
@@ -470,6 +475,45 @@ async fn an_operator_restart_mid_job_neither_reruns_nor_loses_the_job() -> Resul
     ensure!(execs.items.is_empty(), "executors created again");
     ensure!(csv_rows(&work.join("out"))?.len() as u64 == s.result.unwrap().rows);
     c.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_driver_lost_mid_job_is_replaced_by_one_that_resumes_it() -> Result<()> {
+    let _g = serial().await;
+    let client = client().await?;
+    apply_crds().await?;
+    let ns = TestNamespace::new(&client, "e2e-takeover").await?;
+    let op = Operator::start("op-takeover", "kiln-e2e-takeover", 18187, CONFIG).await?;
+    let work = scratch(&ns.name)?;
+    let data = tpch("0.05").await?;
+    // Driver pods force-deleted, once and twice, side by side.
+    let (once, twice) = tokio::try_join!(
+        driver_deleted(&client, &ns.name, &data, &work, "once", 1),
+        driver_deleted(&client, &ns.name, &data, &work, "twice", 2),
+    )
+    .with_context(|| op.logs())?;
+    // The driver's node killed, alone: every driver runs on the on-demand nodes. Meanwhile,
+    // the same query without a failure.
+    let local_out = work.join("local");
+    let local_spec = q3(&data, &dir(&local_out), TAKEOVER_PARTITIONS);
+    let (node, local) = tokio::join!(
+        driver_node_killed(&client, &ns.name, &data, &work, "node"),
+        run_locally(&local_spec, &local_out),
+    );
+    let node = node.with_context(|| op.logs())?;
+    let local = local?;
+    ensure!(local.len() > 10, "q3 rows: {}", local.len());
+    for r in [&once, &twice, &node] {
+        ensure!(
+            r.rows == local,
+            "{}: the output differs from the no-failure run ({} rows, expected {})",
+            r.name,
+            r.rows.len(),
+            local.len()
+        );
+    }
+    op.stop().await?;
     Ok(())
 }
 

@@ -190,6 +190,11 @@ impl Scheduler {
         self.executors.keys()
     }
 
+    /// The block-service addresses of the live executors.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.executors.values().map(|e| e.address.as_str())
+    }
+
     /// Whether `executor` is registered and not lost.
     pub fn is_live(&self, executor: &str) -> bool {
         self.executors.contains_key(executor)
@@ -361,6 +366,32 @@ impl Scheduler {
             events.extend(self.refresh());
         }
         (true, events)
+    }
+
+    /// Takes partition `partition` of `stage` as done by `executor` without running it: an
+    /// output an earlier driver left (blocks `executor` holds, or committed files). Returns
+    /// `None` unless the partition was pending; else the events it caused.
+    pub fn adopt(
+        &mut self,
+        stage: u32,
+        partition: u32,
+        executor: &str,
+    ) -> Option<Vec<SchedulerEvent>> {
+        let s = self.stages.get_mut(&stage)?;
+        let p = partition as usize;
+        if s.tasks.get(p)? != &TaskState::Pending {
+            return None;
+        }
+        s.tasks[p] = TaskState::Done {
+            executor: executor.to_string(),
+        };
+        let mut events = Vec::new();
+        if s.tasks.iter().all(|t| matches!(t, TaskState::Done { .. })) {
+            s.status = StageStatus::Succeeded;
+            events.push(SchedulerEvent::StageSucceeded(stage));
+            events.extend(self.refresh());
+        }
+        Some(events)
     }
 
     /// A task attempt failed.
