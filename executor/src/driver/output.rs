@@ -3,16 +3,20 @@
 //!
 //! 1. Before any work, the location is checked: `ErrorIfExists` refuses another job's files;
 //!    an output this same job already committed (its `_SUCCESS` names the job's uid) is
-//!    kept as it is, so a restarted driver never rewrites or refuses its own output.
+//!    kept as it is, so a restarted driver never rewrites or refuses its own output. The
+//!    driver then claims the output for its epoch (`_temporary/_epoch-<job uid>-<epoch>`):
+//!    a driver of the job that was replaced can no longer commit into it.
 //! 2. Every task attempt writes under its own staging directory,
 //!    `_temporary/<driver run>/s<stage>-p<partition>-a<attempt>/`. Paths starting with `_`
 //!    are not part of a dataset (DataFusion, Spark and Hive skip them).
 //! 3. The core lets exactly one attempt per partition commit: the first that succeeded.
 //!    Duplicates, retries that lost the race and zombies of a lost executor stay in staging.
 //! 4. Job commit, once the output stage is complete: `_SUCCESS` goes first (readers wait
-//!    for it), then, for `Overwrite`, the previous output's part files; then each committed
-//!    attempt's file moves to `part-NNNNN.<ext>`; the staging directory is removed; `_SUCCESS`
-//!    is written last, naming the job.
+//!    for it); each committed attempt's file (this run's, or an earlier driver's the journal
+//!    names) moves over `part-NNNNN.<ext>`; part files of a previous output not replaced go
+//!    (`Overwrite`); the staging area is removed; `_SUCCESS` is written last, naming the job.
+//!    A commit cut short by a lost driver is finished by its replacement: files already
+//!    moved are found in place.
 use std::sync::Arc;
 
 use datafusion::datasource::listing::ListingTableUrl;
@@ -112,7 +116,12 @@ impl OutputCommit {
                 files: marker.files.len() as u64,
             }));
         }
-        if spec.mode == WriteMode::ErrorIfExists && !commit.output_files().await?.is_empty() {
+        // Part files with this job's claim beside them are its own: a driver of the job lost
+        // in the middle of its commit moved them.
+        if spec.mode == WriteMode::ErrorIfExists
+            && !commit.output_files().await?.is_empty()
+            && commit.newest_epoch().await?.is_none()
+        {
             return Err(Error::OutputExists {
                 uri: spec.uri.clone(),
             });
@@ -149,11 +158,10 @@ impl OutputCommit {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(write_err(uri)(e)),
         }
-        if self.spec.mode == WriteMode::Overwrite {
-            for old in self.output_files().await? {
-                self.store.delete(&old).await.map_err(write_err(uri))?;
-            }
-        }
+        // Each committed attempt's file moves over the name it commits (an old file of that
+        // name goes with it). A file already moved by an earlier driver of the job, lost in
+        // the middle of its own commit, is found in place: the attempt wrote a file, and its
+        // staging holds it no more.
         let mut files = Vec::new();
         for c in committed {
             let name = part_file_name(c.partition as usize, self.spec.format);
@@ -164,15 +172,22 @@ impl OutputCommit {
             }
             .dir(&self.prefix, c.partition)
             .join(name.as_str());
-            match self
-                .store
-                .rename(&from, &self.prefix.clone().join(name.as_str()))
-                .await
-            {
+            let to = self.prefix.clone().join(name.as_str());
+            match self.store.rename(&from, &to).await {
                 Ok(()) => files.push(name),
-                // An empty partition writes no file.
-                Err(object_store::Error::NotFound { .. }) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    if c.files > 0 && self.store.head(&to).await.is_ok() {
+                        files.push(name);
+                    }
+                }
                 Err(e) => return Err(write_err(uri)(e)),
+            }
+        }
+        // What else is there is an older output's (Overwrite: prepare refused it otherwise).
+        for old in self.output_files().await? {
+            let name = old.filename().unwrap_or_default();
+            if name != SUCCESS_FILE && !files.iter().any(|f| f == name) {
+                self.store.delete(&old).await.map_err(write_err(uri))?;
             }
         }
         self.remove_staging().await?;

@@ -202,7 +202,16 @@ async fn overwrite_keeps_the_old_output_until_the_new_one_commits() {
     assert_eq!(values(&ctx, &dir).await, old);
     // Its partition 1 turned out empty (no file): the old part-00001 must not survive.
     second
-        .commit(&[rec("run-9", 0, 0), rec("run-9", 1, 0)], 3)
+        .commit(
+            &[
+                rec("run-9", 0, 0),
+                CommitRecord {
+                    files: 0,
+                    ..rec("run-9", 1, 0)
+                },
+            ],
+            3,
+        )
         .await
         .unwrap();
     assert_eq!(values(&ctx, &dir).await, [1000, 1001, 1002]);
@@ -258,4 +267,37 @@ async fn a_driver_taken_over_cannot_commit() {
     assert_eq!(listing(&dir), ["_temporary"]);
     new.commit(&[rec("run-1", 0, 0)], 3).await.unwrap();
     assert_eq!(listing(&dir), ["_SUCCESS", "part-00000.parquet"]);
+}
+
+#[tokio::test]
+async fn a_commit_cut_short_by_a_lost_driver_is_finished_by_its_replacement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let ctx = SessionContext::new();
+    let out = spec(&dir, WriteMode::ErrorIfExists);
+    let _first = ready(&ctx, &out, "job-a").await;
+    write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
+    write_attempt(&ctx, &dir, "run-1", 1, 0, 0).await;
+    // The first driver moved partition 0 into place, then was lost.
+    let name = "part-00000.parquet";
+    let staged = dir
+        .join(STAGING_DIR)
+        .join("run-1")
+        .join(format!("s{STAGE}-p0-a0"))
+        .join(name);
+    std::fs::rename(staged, dir.join(name)).unwrap();
+    // Its replacement is not refused by the files its own job moved, and loses none.
+    let second = match OutputCommit::prepare(&ctx, &out, "job-a", 2).await.unwrap() {
+        Prepared::Ready(c) => c,
+        Prepared::Committed(_) => panic!("no _SUCCESS yet"),
+    };
+    second
+        .commit(&[rec("run-1", 0, 0), rec("run-1", 1, 0)], 6)
+        .await
+        .unwrap();
+    assert_eq!(values(&ctx, &dir).await, [0, 1, 2, 10, 11, 12]);
+    assert_eq!(
+        listing(&dir),
+        ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]
+    );
 }
