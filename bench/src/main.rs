@@ -39,6 +39,10 @@ struct TpchArgs {
     /// `shufflePartitions` of each Kiln job.
     #[arg(long, default_value_t = 16)]
     shuffle_partitions: u32,
+    /// When the failure peers strike, as a `kiln run --chaos` point: `at=50%` (half of the
+    /// first shuffle stage) or `after-stage=4`.
+    #[arg(long, default_value = "at=50%")]
+    kill_at: String,
     /// Queries to run, e.g. `1,3,5` (default: all 22).
     #[arg(long, value_delimiter = ',')]
     queries: Vec<u32>,
@@ -119,6 +123,7 @@ fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Bo
             data,
             args.executors,
             args.shuffle_partitions,
+            &args.kill_at,
             match name {
                 "kiln-kill" => Failure::Kill,
                 "kiln-rerun" => Failure::Rerun,

@@ -58,11 +58,6 @@ pub enum Failure {
     DriverKill,
 }
 
-/// The chaos event of [`Failure::Kill`] and [`Failure::Rerun`].
-const KILL_AT_HALF: &str = "at=50%,executor=busiest";
-/// The chaos event of [`Failure::DriverKill`].
-const DRIVER_KILL_AT_HALF: &str = "driver,at=50%";
-
 /// Kiln through its CLI: `kiln run job.yaml --executors N`, one process per query, writing
 /// Parquet to a temporary directory. The time is the whole command, from start to exit,
 /// including the start of the driver and executor processes.
@@ -73,6 +68,10 @@ pub struct KilnPeer {
     shuffle_partitions: u32,
     scratch: PathBuf,
     failure: Failure,
+    /// The chaos event of [`Failure::Kill`] and [`Failure::Rerun`] (the busiest executor
+    /// killed at the chosen point) and of [`Failure::DriverKill`].
+    kill: String,
+    driver_kill: String,
 }
 
 impl KilnPeer {
@@ -82,6 +81,7 @@ impl KilnPeer {
         data: &Path,
         executors: u32,
         shuffle_partitions: u32,
+        kill_at: &str,
         failure: Failure,
     ) -> Self {
         let scratch =
@@ -93,6 +93,8 @@ impl KilnPeer {
             shuffle_partitions,
             scratch,
             failure,
+            kill: format!("{kill_at},executor=busiest"),
+            driver_kill: format!("driver,{kill_at}"),
         }
     }
 
@@ -168,12 +170,15 @@ impl Peer for KilnPeer {
         let started = Instant::now();
         let (output, summary) = match self.failure {
             Failure::None => self.run_once(query, &dir, 20, None)?,
-            Failure::Kill => self.run_once(query, &dir, 20, Some(KILL_AT_HALF))?,
-            Failure::DriverKill => self.run_once(query, &dir, 20, Some(DRIVER_KILL_AT_HALF))?,
+            Failure::Kill => self.run_once(query, &dir, 20, Some(&self.kill))?,
+            Failure::DriverKill => self.run_once(query, &dir, 20, Some(&self.driver_kill))?,
             Failure::Rerun => {
-                let (first, _) = self.run_once(query, &dir, 0, Some(KILL_AT_HALF))?;
+                let (first, _) = self.run_once(query, &dir, 0, Some(&self.kill))?;
                 if first.status.success() {
-                    bail!("the kill at 50% did not fail the job with maxExecutorLosses 0");
+                    bail!(
+                        "the kill at {} did not fail the job with maxExecutorLosses 0",
+                        self.kill
+                    );
                 }
                 self.run_once(query, &dir, 20, None)?
             }
