@@ -123,6 +123,13 @@ fn parse<L: clap::Args + clap::FromArgMatches>(
     L::from_arg_matches_mut(&mut command.try_get_matches_from(args)?)
 }
 
+/// `subcommand`, then `args`.
+fn with_subcommand(subcommand: &str, args: Vec<String>) -> Vec<String> {
+    std::iter::once(subcommand.to_string())
+        .chain(args)
+        .collect()
+}
+
 fn redacted(token: &str) -> &'static str {
     if token.is_empty() { "" } else { "<redacted>" }
 }
@@ -158,9 +165,7 @@ impl DriverLaunch {
 
     /// `kiln`'s arguments for this launch: [`Self::SUBCOMMAND`], then [`Self::to_args`].
     pub fn command_line(&self) -> Vec<String> {
-        let mut args = vec![Self::SUBCOMMAND.to_string()];
-        args.extend(self.to_args());
-        args
+        with_subcommand(Self::SUBCOMMAND, self.to_args())
     }
 
     /// The environment variables (name, value) to set beside [`Self::to_args`]: those of
@@ -212,9 +217,7 @@ impl ExecutorLaunch {
 
     /// `kiln`'s arguments for this launch: [`Self::SUBCOMMAND`], then [`Self::to_args`].
     pub fn command_line(&self) -> Vec<String> {
-        let mut args = vec![Self::SUBCOMMAND.to_string()];
-        args.extend(self.to_args());
-        args
+        with_subcommand(Self::SUBCOMMAND, self.to_args())
     }
 
     /// The environment variables (name, value) to set beside [`Self::to_args`]: those of
@@ -350,7 +353,7 @@ mod tests {
             advertise_host: Some("10.244.1.7".into()),
             slots: Some(3),
             memory: Some("4Gi".into()),
-            work_dir: "/work/exec-0".into(),
+            work_dir: "/var/lib/kiln/exec-0".into(),
             faults: "drop-report=2,lose-report=1".into(),
             id: "-dash".into(),
             ..executor()

@@ -25,24 +25,32 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The wordcount example counting every word over a shuffle of eight partitions, writing
-/// Parquet to `out`.
-fn wordcount_job(out: &Path) -> serde_yaml::Value {
-    let root = workspace_root().join("examples/wordcount");
-    let text = std::fs::read_to_string(root.join("job.yaml")).expect("read the wordcount job");
-    let mut job: serde_yaml::Value = serde_yaml::from_str(&text).expect("wordcount job yaml");
-    job["inputs"][0]["uri"] = format!("{}/", root.join("corpus").display()).into();
-    job["shufflePartitions"] = 8.into();
-    // Every word, not the top twenty: the output stage then has a task per partition.
+/// The wordcount example counting every word (not the top twenty: the output stage then
+/// has a task per partition), with a short heartbeat timeout.
+fn all_words_job(out: &Path) -> serde_yaml::Value {
+    let mut job = wordcount_job(out);
     job["steps"][1]["sql"] = "SELECT word, count(*) AS n FROM words GROUP BY word".into();
     job["failurePolicy"] =
         serde_yaml::to_value(serde_json::json!({"heartbeatTimeoutSeconds": 3})).expect("yaml");
-    job["output"] = serde_yaml::to_value(serde_json::json!({
-        "uri": out.display().to_string(),
-        "format": "parquet",
-    }))
-    .expect("yaml");
     job
+}
+
+/// The job run without failure into `<dir>/base`: its summary and rows, to compare with.
+fn baseline(dir: &Path) -> (Value, Vec<RecordBatch>) {
+    run_committed(
+        dir,
+        &all_words_job(&dir.join("base")),
+        &[],
+        &[],
+        "wordcount",
+    )
+}
+
+/// Fails with the difference when `rows` are not the baseline's.
+fn assert_baseline_rows(baseline: &[RecordBatch], rows: &[RecordBatch]) {
+    if let Some(diff) = diff_row_sets(baseline, rows) {
+        panic!("the output differs from the no-failure run:\n{diff}");
+    }
 }
 
 /// Runs `job` and checks it committed its output exactly once: `_SUCCESS` naming the job,
@@ -95,17 +103,11 @@ fn output_stage(summary: &Value) -> i64 {
 fn an_executor_killed_during_the_output_write_leaves_one_complete_output() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (summary, baseline) = run_committed(
-        dir.path(),
-        &wordcount_job(&dir.path().join("base")),
-        &[],
-        &[],
-        "wordcount",
-    );
+    let (summary, baseline) = baseline(dir.path());
     let sink = output_stage(&summary).to_string();
     // Half of the output tasks done: the victim may be writing its next part file.
     let chaos = format!("stage={sink},at=50%");
-    let job = wordcount_job(&dir.path().join("killed"));
+    let job = all_words_job(&dir.path().join("killed"));
     let (summary, batches) = run_committed(
         dir.path(),
         &job,
@@ -118,31 +120,23 @@ fn an_executor_killed_during_the_output_write_leaves_one_complete_output() {
         Some(1),
         "{summary}"
     );
-    if let Some(diff) = diff_row_sets(&baseline, &batches) {
-        panic!("the output differs from the no-failure run:\n{diff}");
-    }
+    assert_baseline_rows(&baseline, &batches);
     // Running it again over its own committed output (Overwrite) commits a fresh one.
     let (_, again) = run_committed(dir.path(), &job, &[], &[], "wordcount again, overwriting");
-    assert!(diff_row_sets(&baseline, &again).is_none());
+    assert_baseline_rows(&baseline, &again);
 }
 
 #[test]
 fn a_driver_killed_twice_is_replaced_and_the_job_resumes_instead_of_rerunning() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (base, baseline) = run_committed(
-        dir.path(),
-        &wordcount_job(&dir.path().join("base")),
-        &[],
-        &[],
-        "wordcount",
-    );
+    let (base, baseline) = baseline(dir.path());
     let sink = output_stage(&base);
     // Once the map stage is done, and again with half of the output committed.
     let mid_output = format!("driver,stage={sink},at=50%");
     let (summary, batches) = run_committed(
         dir.path(),
-        &wordcount_job(&dir.path().join("driver-lost")),
+        &all_words_job(&dir.path().join("driver-lost")),
         &[
             "--chaos",
             "driver,after-stage=1",
@@ -154,9 +148,7 @@ fn a_driver_killed_twice_is_replaced_and_the_job_resumes_instead_of_rerunning() 
         &[],
         "wordcount losing its driver twice",
     );
-    if let Some(diff) = diff_row_sets(&baseline, &batches) {
-        panic!("the output differs from the no-failure run:\n{diff}");
-    }
+    assert_baseline_rows(&baseline, &batches);
     assert_eq!(
         summary_int(&summary, "/recovery/driverLosses"),
         2,
@@ -182,13 +174,7 @@ fn a_driver_killed_twice_is_replaced_and_the_job_resumes_instead_of_rerunning() 
 fn every_executor_lost_at_once_costs_the_job_nothing_but_time() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (_, baseline) = run_committed(
-        dir.path(),
-        &wordcount_job(&dir.path().join("base")),
-        &[],
-        &[],
-        "wordcount",
-    );
+    let (_, baseline) = baseline(dir.path());
     let kills: Vec<String> = (0..EXECUTORS)
         .map(|i| format!("after-stage=1,executor=exec-{i}"))
         .collect();
@@ -198,7 +184,7 @@ fn every_executor_lost_at_once_costs_the_job_nothing_but_time() {
     }
     let (summary, batches) = run_committed(
         dir.path(),
-        &wordcount_job(&dir.path().join("all-lost")),
+        &all_words_job(&dir.path().join("all-lost")),
         &extra,
         &[],
         "wordcount losing every executor at once",
@@ -208,34 +194,24 @@ fn every_executor_lost_at_once_costs_the_job_nothing_but_time() {
         Some(EXECUTORS as usize),
         "{summary}"
     );
-    if let Some(diff) = diff_row_sets(&baseline, &batches) {
-        panic!("the output differs from the no-failure run:\n{diff}");
-    }
+    assert_baseline_rows(&baseline, &batches);
 }
 
 #[test]
 fn dropped_and_lost_task_reports_do_not_hang_the_job() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (base, baseline) = run_committed(
-        dir.path(),
-        &wordcount_job(&dir.path().join("base")),
-        &[],
-        &[],
-        "wordcount",
-    );
+    let (base, baseline) = baseline(dir.path());
     // Each executor drops its first three report sends (sent again until acknowledged) and
     // loses one report outright (only the driver's reconciliation of polls can notice).
     let (summary, batches) = run_committed(
         dir.path(),
-        &wordcount_job(&dir.path().join("faults")),
+        &all_words_job(&dir.path().join("faults")),
         &[],
         &[("KILN_FAULTS", "drop-report=3,lose-report=1")],
         "wordcount with reports dropped and lost",
     );
-    if let Some(diff) = diff_row_sets(&baseline, &batches) {
-        panic!("the output differs from the no-failure run:\n{diff}");
-    }
+    assert_baseline_rows(&baseline, &batches);
     let tasks = summary_int(&summary, "/totals/tasks");
     let attempts = summary_int(&summary, "/totals/attempts");
     assert_eq!(tasks, summary_int(&base, "/totals/tasks"));
@@ -254,7 +230,7 @@ fn dropped_and_lost_task_reports_do_not_hang_the_job() {
 fn a_result_bigger_than_max_result_bytes_fails_the_job_and_says_which_field() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut job = wordcount_job(&dir.path().join("unused"));
+    let mut job = all_words_job(&dir.path().join("unused"));
     job.as_mapping_mut().expect("a mapping").remove("output");
     job["maxResultBytes"] = "1Ki".into();
     let run = run_job_with_env(dir.path(), &job, EXECUTORS, &[], &[], TIMEOUT);

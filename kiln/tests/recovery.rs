@@ -120,21 +120,6 @@ fn tpch_queries_survive_a_killed_executor() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// The wordcount example, writing Parquet.
-fn wordcount_job(out: &Path) -> serde_yaml::Value {
-    let root = workspace_root().join("examples/wordcount");
-    let text = std::fs::read_to_string(root.join("job.yaml")).expect("read the wordcount job");
-    let mut job: serde_yaml::Value = serde_yaml::from_str(&text).expect("wordcount job yaml");
-    job["inputs"][0]["uri"] = format!("{}/", root.join("corpus").display()).into();
-    job["shufflePartitions"] = 8.into();
-    job["output"] = serde_yaml::to_value(serde_json::json!({
-        "uri": out.display().to_string(),
-        "format": "parquet",
-    }))
-    .expect("yaml");
-    job
-}
-
 #[test]
 fn wordcount_survives_a_killed_executor() {
     let _serial = serial();

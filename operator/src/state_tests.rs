@@ -110,6 +110,17 @@ fn reasons(plan: &Plan) -> Vec<&str> {
     plan.events.iter().map(|e| e.reason.as_str()).collect()
 }
 
+/// The first pod `plan` applies.
+fn first_applied_pod(plan: &Plan) -> Pod {
+    plan.actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Apply(Child::Pod(p)) => Some(p.as_ref().clone()),
+            _ => None,
+        })
+        .expect("a pod is applied")
+}
+
 #[test]
 fn a_new_job_gets_its_secret_spec_service_and_driver() {
     let mut w = World::new();
@@ -247,14 +258,7 @@ fn an_executor_the_driver_gave_up_on_is_replaced_before_the_control_plane_notice
     }));
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
     // The replacement keeps off the silent node, which the scheduler still thinks Ready.
-    let replacement = plan
-        .actions
-        .iter()
-        .find_map(|a| match a {
-            Action::Apply(Child::Pod(p)) => Some(p.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let replacement = first_applied_pod(&plan);
     let avoided = serde_json::to_string(&replacement.spec.unwrap().affinity).unwrap();
     assert!(
         avoided.contains(r#""key":"metadata.name","operator":"NotIn","values":["kiln-spot-1"]"#),

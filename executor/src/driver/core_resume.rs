@@ -54,6 +54,11 @@ impl Resume {
 }
 
 impl DriverCore {
+    /// This driver's epoch (1 for the job's first driver).
+    pub fn driver_epoch(&self) -> u64 {
+        self.resume.epoch
+    }
+
     /// Driver losses the job survived so far.
     pub fn driver_losses(&self) -> u32 {
         u32::try_from(self.resume.epoch.saturating_sub(1)).unwrap_or(u32::MAX)

@@ -65,8 +65,15 @@ fn spec(dir: &Path, mode: WriteMode) -> OutputSpec {
     }
 }
 
+/// A scratch output location `<tmp>/out`, and a session to write into it with.
+fn scratch() -> (tempfile::TempDir, std::path::PathBuf, SessionContext) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    (tmp, dir, SessionContext::new())
+}
+
 /// The values a reader sees (a fresh session each time: a session caches file listings).
-async fn values(_: &SessionContext, dir: &Path) -> Vec<i64> {
+async fn values(dir: &Path) -> Vec<i64> {
     let df = SessionContext::new()
         .read_parquet(format!("{}/", dir.display()), ParquetReadOptions::default())
         .await
@@ -120,9 +127,7 @@ async fn ready(ctx: &SessionContext, out: &OutputSpec, uid: &str) -> OutputCommi
 
 #[tokio::test]
 async fn only_committed_attempts_reach_the_output_and_a_zombie_changes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("out");
-    let ctx = SessionContext::new();
+    let (_tmp, dir, ctx) = scratch();
     let out = spec(&dir, WriteMode::ErrorIfExists);
     let commit = ready(&ctx, &out, "job-a").await;
     // Partition 0: attempt 0 wins. Partition 1: attempt 0 loses (a duplicate that wrote
@@ -139,13 +144,13 @@ async fn only_committed_attempts_reach_the_output_and_a_zombie_changes_nothing()
         listing(&dir),
         ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]
     );
-    let committed = values(&ctx, &dir).await;
+    let committed = values(&dir).await;
     assert_eq!(committed, [0, 1, 2, 10, 11, 12]);
 
     // A zombie attempt of the same run finishes after the commit: it writes into staging,
     // which no reader lists, and never into the output.
     write_attempt(&ctx, &dir, "run-1", 0, 7, 500).await;
-    assert_eq!(values(&ctx, &dir).await, committed);
+    assert_eq!(values(&dir).await, committed);
     assert!(
         listing(&dir)
             .iter()
@@ -157,9 +162,7 @@ async fn only_committed_attempts_reach_the_output_and_a_zombie_changes_nothing()
 
 #[tokio::test]
 async fn a_restart_of_the_same_job_keeps_its_output_and_another_job_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("out");
-    let ctx = SessionContext::new();
+    let (_tmp, dir, ctx) = scratch();
     let out = spec(&dir, WriteMode::ErrorIfExists);
     let commit = ready(&ctx, &out, "job-a").await;
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
@@ -184,9 +187,7 @@ async fn a_restart_of_the_same_job_keeps_its_output_and_another_job_is_refused()
 
 #[tokio::test]
 async fn overwrite_keeps_the_old_output_until_the_new_one_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("out");
-    let ctx = SessionContext::new();
+    let (_tmp, dir, ctx) = scratch();
     let first = ready(&ctx, &spec(&dir, WriteMode::Overwrite), "job-a").await;
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
     write_attempt(&ctx, &dir, "run-1", 1, 0, 0).await;
@@ -194,12 +195,12 @@ async fn overwrite_keeps_the_old_output_until_the_new_one_commits() {
         .commit(&[rec("run-1", 0, 0), rec("run-1", 1, 0)], 6)
         .await
         .unwrap();
-    let old = values(&ctx, &dir).await;
+    let old = values(&dir).await;
 
     // A new job overwrites: while it runs, readers still see the old output whole.
     let second = ready(&ctx, &spec(&dir, WriteMode::Overwrite), "job-b").await;
     write_attempt(&ctx, &dir, "run-9", 0, 0, 1000).await;
-    assert_eq!(values(&ctx, &dir).await, old);
+    assert_eq!(values(&dir).await, old);
     // Its partition 1 turned out empty (no file): the old part-00001 must not survive.
     second
         .commit(
@@ -214,15 +215,13 @@ async fn overwrite_keeps_the_old_output_until_the_new_one_commits() {
         )
         .await
         .unwrap();
-    assert_eq!(values(&ctx, &dir).await, [1000, 1001, 1002]);
+    assert_eq!(values(&dir).await, [1000, 1001, 1002]);
     assert_eq!(listing(&dir), ["_SUCCESS", "part-00000.parquet"]);
 }
 
 #[tokio::test]
 async fn a_replacement_driver_commits_what_its_predecessor_committed_with_its_own() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("out");
-    let ctx = SessionContext::new();
+    let (_tmp, dir, ctx) = scratch();
     let out = spec(&dir, WriteMode::ErrorIfExists);
     // The first driver committed partition 0, and had a losing attempt of partition 1
     // going, when it was lost.
@@ -236,7 +235,7 @@ async fn a_replacement_driver_commits_what_its_predecessor_committed_with_its_ow
         .commit(&[rec("run-1", 0, 0), rec("run-2", 1, 0)], 6)
         .await
         .unwrap();
-    assert_eq!(values(&ctx, &dir).await, [0, 1, 2, 10, 11, 12]);
+    assert_eq!(values(&dir).await, [0, 1, 2, 10, 11, 12]);
     assert_eq!(
         listing(&dir),
         ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"],
@@ -246,9 +245,7 @@ async fn a_replacement_driver_commits_what_its_predecessor_committed_with_its_ow
 
 #[tokio::test]
 async fn a_driver_taken_over_cannot_commit() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("out");
-    let ctx = SessionContext::new();
+    let (_tmp, dir, ctx) = scratch();
     let out = spec(&dir, WriteMode::Overwrite);
     let old = ready(&ctx, &out, "job-a").await;
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
@@ -271,9 +268,7 @@ async fn a_driver_taken_over_cannot_commit() {
 
 #[tokio::test]
 async fn a_commit_cut_short_by_a_lost_driver_is_finished_by_its_replacement() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("out");
-    let ctx = SessionContext::new();
+    let (_tmp, dir, ctx) = scratch();
     let out = spec(&dir, WriteMode::ErrorIfExists);
     let _first = ready(&ctx, &out, "job-a").await;
     write_attempt(&ctx, &dir, "run-1", 0, 0, 0).await;
@@ -295,7 +290,7 @@ async fn a_commit_cut_short_by_a_lost_driver_is_finished_by_its_replacement() {
         .commit(&[rec("run-1", 0, 0), rec("run-1", 1, 0)], 6)
         .await
         .unwrap();
-    assert_eq!(values(&ctx, &dir).await, [0, 1, 2, 10, 11, 12]);
+    assert_eq!(values(&dir).await, [0, 1, 2, 10, 11, 12]);
     assert_eq!(
         listing(&dir),
         ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]

@@ -53,9 +53,8 @@ impl Shared {
         heartbeat_timeout: Duration,
     ) -> Self {
         let job_id = run_id;
-        let epoch = core.driver_losses() as u64 + 1;
         Self {
-            epoch,
+            epoch: core.driver_epoch(),
             state: Mutex::new(DriverState {
                 core,
                 plans: StagePlans::default(),

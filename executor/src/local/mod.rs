@@ -95,7 +95,12 @@ fn forward(driver: &Driver, to: &broadcast::Sender<Progress>) -> JoinHandle<()> 
                 Ok(p) => {
                     let _ = to.send(p);
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "progress of the driver fell behind; events lost"
+                    );
+                }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }

@@ -13,6 +13,21 @@ use datafusion::arrow::datatypes::{self as dt, DataType};
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
+/// The wordcount example over a shuffle of eight partitions, writing Parquet to `out`.
+pub fn wordcount_job(out: &Path) -> serde_yaml::Value {
+    let root = workspace_root().join("examples/wordcount");
+    let text = std::fs::read_to_string(root.join("job.yaml")).expect("read the wordcount job");
+    let mut job: serde_yaml::Value = serde_yaml::from_str(&text).expect("wordcount job yaml");
+    job["inputs"][0]["uri"] = format!("{}/", root.join("corpus").display()).into();
+    job["shufflePartitions"] = 8.into();
+    job["output"] = serde_yaml::to_value(serde_json::json!({
+        "uri": out.display().to_string(),
+        "format": "parquet",
+    }))
+    .expect("yaml");
+    job
+}
+
 /// The workspace root (the parent of the `kiln` package).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

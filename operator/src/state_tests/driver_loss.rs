@@ -107,14 +107,7 @@ fn a_killed_driver_is_replaced_by_one_that_takes_over_its_executors() {
         occurred_unix_ms: at(30).as_millisecond() as u64,
     }));
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
-    let replacement = plan
-        .actions
-        .iter()
-        .find_map(|a| match a {
-            Action::Apply(Child::Pod(p)) => Some(p.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let replacement = first_applied_pod(&plan);
     let args = replacement.spec.unwrap().containers[0]
         .args
         .clone()
