@@ -148,7 +148,11 @@ pub struct ExecutorsStatus {
     /// Executor pods lost so far (failed, evicted, deleted, or on a lost node).
     #[serde(default)]
     pub lost: u32,
-    /// Losses by reason: `Preempted` (disruption, node lost) or `Failed`.
+    /// Losses by reason. `Preempted` (eviction, preemption, spot reclaim), `Drained`
+    /// (decommissioned on notice, its blocks moved) and `NodeLost` are free: they never count
+    /// against `failurePolicy.maxExecutorLosses`. `Failed` (a crash or non-zero exit),
+    /// `OOMKilled` (raise `executors.memory`) and `HeartbeatTimeout` (a hung process on a
+    /// healthy node) do.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lost_by_reason: BTreeMap<String, u32>,
     /// Executor failures in a row that ended before the executor had run for long; the job
@@ -191,6 +195,18 @@ pub struct RecoveryStatus {
     /// Stages replacement drivers took over complete, without rerunning them.
     #[serde(default)]
     pub stages_resumed: u64,
+    /// Task outputs moved off executors that were given notice (drained) to other
+    /// executors, instead of being recomputed.
+    #[serde(default)]
+    pub partitions_migrated: u64,
+    /// For the last executor loss: milliseconds from when it happened to when the driver
+    /// knew of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_detect_ms: Option<u64>,
+    /// For the last executor loss: milliseconds from when it happened until the job ran at
+    /// full width again (unset until it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recover_ms: Option<u64>,
 }
 
 /// The driver pod's attempts.
@@ -234,6 +250,9 @@ pub struct JobResult {
     /// Attempts that recomputed a lost partition.
     #[serde(default)]
     pub partitions_recomputed: u64,
+    /// Task outputs moved off decommissioned executors instead of being recomputed.
+    #[serde(default)]
+    pub partitions_migrated: u64,
     /// Executors the driver saw lost, by reason.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub executors_lost: BTreeMap<String, u64>,
@@ -259,6 +278,7 @@ impl From<DriverReport> for JobResult {
             tasks: r.tasks,
             attempts: r.attempts,
             partitions_recomputed: r.partitions_recomputed,
+            partitions_migrated: r.partitions_migrated,
             executors_lost: r.executors_lost,
             rows: r.rows,
             files: r.files,

@@ -44,13 +44,16 @@ pub enum FailureReason {
     ContainerConfigError,
     /// The job ran longer than `activeDeadlineSeconds`.
     DeadlineExceeded,
+    /// Its pods cannot be placed: a request no node can hold, or the scheduler reported them
+    /// unschedulable for longer than `failurePolicy.unschedulableSeconds`.
+    Unschedulable,
     /// Anything else: a bug or an environment Kiln does not expect; the message says what.
     Internal,
 }
 
 impl FailureReason {
     /// Every reason.
-    pub const ALL: [FailureReason; 17] = [
+    pub const ALL: [FailureReason; 18] = [
         FailureReason::InvalidSpec,
         FailureReason::InvalidInput,
         FailureReason::InvalidSql,
@@ -67,6 +70,7 @@ impl FailureReason {
         FailureReason::ImagePullFailed,
         FailureReason::ContainerConfigError,
         FailureReason::DeadlineExceeded,
+        FailureReason::Unschedulable,
         FailureReason::Internal,
     ];
 
@@ -89,6 +93,7 @@ impl FailureReason {
             FailureReason::ImagePullFailed => "ImagePullFailed",
             FailureReason::ContainerConfigError => "ContainerConfigError",
             FailureReason::DeadlineExceeded => "DeadlineExceeded",
+            FailureReason::Unschedulable => "Unschedulable",
             FailureReason::Internal => "Internal",
         }
     }

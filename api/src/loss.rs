@@ -1,25 +1,38 @@
-//! Why an executor is gone: shared by the driver, which counts and reports losses, and the
-//! operator, which reports the losses it sees to the driver and replaces the pods.
+//! Why an executor went, in one vocabulary for the driver, the operator, metrics and
+//! summaries; and which of those reasons are the job's fault.
+use serde::{Deserialize, Serialize};
 
-/// Why an executor is gone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Why an executor was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum LossReason {
-    /// Spot reclaim, eviction, node drain or node loss: not the job's fault, not counted
-    /// against `maxTaskAttempts`.
+    /// Spot reclaim, preemption or eviction (a `DisruptionTarget` condition, a drain that
+    /// killed it before its blocks moved): not the job's fault.
     Preempted,
-    /// The executor failed, was killed, or its pod was deleted.
+    /// The executor crashed, exited non-zero, or its pod was deleted.
     Failed,
-    /// It stopped sending heartbeats and the driver declared it lost (a node that died
-    /// without a word, a process that hangs).
+    /// It stopped sending heartbeats while its node stayed healthy (a process that hangs).
+    /// The driver takes a silence for this until the operator, which sees the node, says
+    /// otherwise.
     HeartbeatTimeout,
+    /// It was decommissioned on notice (SIGTERM, eviction, a disruption taint on its node)
+    /// and left after its blocks moved to other executors: not the job's fault.
+    Drained,
+    /// Its node died or stopped reporting: not the job's fault.
+    NodeLost,
+    /// The kernel killed it for exceeding its memory limit: raise `executors.memory`.
+    #[serde(rename = "OOMKilled")]
+    OomKilled,
 }
 
 impl LossReason {
     /// Every reason.
-    pub const ALL: [LossReason; 3] = [
+    pub const ALL: [LossReason; 6] = [
         LossReason::Preempted,
         LossReason::Failed,
         LossReason::HeartbeatTimeout,
+        LossReason::Drained,
+        LossReason::NodeLost,
+        LossReason::OomKilled,
     ];
 
     /// Its name in summaries, status, metrics and RPCs.
@@ -28,12 +41,31 @@ impl LossReason {
             LossReason::Preempted => "Preempted",
             LossReason::Failed => "Failed",
             LossReason::HeartbeatTimeout => "HeartbeatTimeout",
+            LossReason::Drained => "Drained",
+            LossReason::NodeLost => "NodeLost",
+            LossReason::OomKilled => "OOMKilled",
         }
     }
 
     /// The reason named `name` in an RPC, if it is one.
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// Whether a loss for this reason counts against the job's failure budgets
+    /// (`maxExecutorLosses`, task and stage attempts). Reclaims, evictions, drains and lost
+    /// nodes never do: they are the price of spot capacity, not the job's fault.
+    pub fn counts_against_budget(self) -> bool {
+        matches!(
+            self,
+            LossReason::Failed | LossReason::HeartbeatTimeout | LossReason::OomKilled
+        )
+    }
+}
+
+impl std::fmt::Display for LossReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -45,7 +77,25 @@ mod tests {
     fn names_round_trip_and_unknown_names_are_none() {
         for r in LossReason::ALL {
             assert_eq!(LossReason::parse(r.as_str()), Some(r));
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
         }
         assert_eq!(LossReason::parse("preempted"), None);
+    }
+
+    #[test]
+    fn only_the_jobs_own_failures_count() {
+        let counted: Vec<_> = LossReason::ALL
+            .into_iter()
+            .filter(|r| r.counts_against_budget())
+            .collect();
+        assert_eq!(
+            counted,
+            [
+                LossReason::Failed,
+                LossReason::HeartbeatTimeout,
+                LossReason::OomKilled
+            ]
+        );
     }
 }

@@ -38,7 +38,10 @@ pub struct DriverReport {
     pub attempts: u64,
     /// Attempts that recomputed a lost partition.
     pub partitions_recomputed: u64,
-    /// Executors lost, by reason (`Preempted`, `Failed`, `HeartbeatTimeout`).
+    /// Task outputs moved off decommissioned executors instead of being recomputed.
+    #[serde(default)]
+    pub partitions_migrated: u64,
+    /// Executors lost, by reason (a [`crate::LossReason`] name).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub executors_lost: BTreeMap<String, u64>,
     /// Rows the job wrote (or returned, without an output).

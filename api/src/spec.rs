@@ -235,6 +235,21 @@ pub struct ExecutorsSpec {
     /// Operator only: additions to the executor pods.
     #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
     pub template: PodTemplate,
+    /// Operator only, with `placement: Spot`: when spot capacity is gone, run executors on
+    /// on-demand nodes instead of waiting. Without it, executors wait for spot capacity (up
+    /// to `failurePolicy.unschedulableSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_fallback: Option<SpotFallback>,
+}
+
+/// Falling back from spot to on-demand nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpotFallback {
+    /// Seconds an executor pod may wait unscheduled on spot before it is recreated on an
+    /// on-demand node. Later replacements try spot again first.
+    #[schemars(range(min = 0, max = 86400))]
+    pub after_seconds: u32,
 }
 
 impl Default for ExecutorsSpec {
@@ -246,6 +261,7 @@ impl Default for ExecutorsSpec {
             placement: Placement::default(),
             slots: None,
             template: PodTemplate::default(),
+            spot_fallback: None,
         }
     }
 }
@@ -433,7 +449,9 @@ pub struct FailurePolicy {
     /// Attempts of one stage (resubmissions after lost outputs) before the job fails.
     #[serde(default = "default_stage_attempts")]
     pub max_stage_attempts: u32,
-    /// Executors the job may lose before it fails.
+    /// Executors the job may lose to its own faults (crashes, non-zero exits, OOM kills,
+    /// hung processes) before it fails. Reclaims, evictions, drains and lost nodes never
+    /// count.
     #[serde(default = "default_executor_losses")]
     pub max_executor_losses: u32,
     /// Seconds without a heartbeat after which the driver declares an executor lost (and the
@@ -449,6 +467,12 @@ pub struct FailurePolicy {
     #[serde(default = "default_driver_grace")]
     #[schemars(range(max = 3600))]
     pub driver_grace_seconds: u32,
+    /// Operator only: seconds a pod of the job may stay unschedulable (the scheduler finds
+    /// no node for it) before the job fails with reason `Unschedulable` and the scheduler's
+    /// message. A request no node could ever hold fails the job at once.
+    #[serde(default = "default_unschedulable")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub unschedulable_seconds: u32,
 }
 
 impl FailurePolicy {
@@ -470,6 +494,7 @@ impl Default for FailurePolicy {
             max_executor_losses: default_executor_losses(),
             heartbeat_timeout_seconds: default_heartbeat_timeout(),
             driver_grace_seconds: default_driver_grace(),
+            unschedulable_seconds: default_unschedulable(),
         }
     }
 }
@@ -567,4 +592,8 @@ fn default_heartbeat_timeout() -> u32 {
 
 fn default_driver_grace() -> u32 {
     60
+}
+
+fn default_unschedulable() -> u32 {
+    300
 }
