@@ -112,7 +112,8 @@ pub struct OutputSummary {
 pub struct LossSummary {
     /// The executor.
     pub executor: String,
-    /// `Preempted`, `Failed` or `HeartbeatTimeout`.
+    /// Why (a `LossReason` name: `Preempted`, `Drained`, `NodeLost`, `Failed`, `OOMKilled`,
+    /// `HeartbeatTimeout`).
     pub reason: String,
     /// When the driver declared it lost, in milliseconds since the driver started.
     pub at_ms: u64,
@@ -136,6 +137,9 @@ pub struct RecoverySummary {
     /// Needed outputs lost over the job (by losses and failed fetches); each is recomputed
     /// once, so `totals.recomputed` equals this for a job that succeeded.
     pub outputs_lost: u64,
+    /// Outputs moved off executors given notice (drained) instead of recomputed.
+    #[serde(default)]
+    pub partitions_migrated: u64,
     /// Driver losses the job survived (replacement drivers that took over).
     pub driver_losses: u32,
     /// Stages replacement drivers took over complete, without rerunning them.
@@ -179,6 +183,7 @@ impl JobSummary {
             tasks: self.totals.tasks,
             attempts: self.totals.attempts,
             partitions_recomputed: self.totals.recomputed,
+            partitions_migrated: self.recovery.partitions_migrated,
             executors_lost: self.recovery.executors_lost.clone(),
             rows: self.output.as_ref().map_or(0, |o| o.rows),
             files: self.output.as_ref().map_or(0, |o| o.files),

@@ -53,6 +53,11 @@ impl ProgressBars {
                     Ok(Progress::ExecutorLost { executor, reason }) => {
                         let _ = multi.println(format!("executor {executor} lost ({reason})"));
                     }
+                    Ok(Progress::ExecutorDraining { executor, outputs }) => {
+                        let _ = multi.println(format!(
+                            "executor {executor} given notice: draining, moving {outputs} outputs"
+                        ));
+                    }
                     Ok(Progress::StageResumed { stage }) => {
                         if let Some(b) = bars.get(&stage) {
                             b.set_position(b.length().unwrap_or(0));

@@ -40,8 +40,9 @@ pub struct RunArgs {
     /// `at=50%` the same for the first shuffle stage; `after-stage=2` once stage 2 is done.
     /// Add `executor=exec-1` to choose the victim (default: random, from --chaos-seed;
     /// `executor=busiest` takes the one holding the most outputs still needed) and
-    /// `pause=3s` to SIGSTOP it for that long instead of killing it. `iteration=5` fires as
-    /// iteration 5 of an iterative step starts.
+    /// `pause=3s` to SIGSTOP it for that long instead of killing it, or `drain` to give it
+    /// notice (SIGTERM) as an eviction would: it drains, its outputs moving to the other
+    /// executors. `iteration=5` fires as iteration 5 of an iterative step starts.
     #[arg(long, value_name = "EVENT")]
     chaos: Vec<kiln_executor::local::ChaosEvent>,
     /// Seed for chaos's random choices (default: a fresh one, printed so a run can be
@@ -155,9 +156,10 @@ fn recovery_lines(s: &JobSummary) -> Vec<String> {
         .collect();
     if !lines.is_empty() {
         lines.push(format!(
-            "recovery: {} executors lost, {} outputs lost, {} partitions recomputed",
+            "recovery: {} executors lost, {} outputs lost, {} partitions migrated, {} recomputed",
             s.recovery.losses.len(),
             s.recovery.outputs_lost,
+            s.recovery.partitions_migrated,
             s.totals.recomputed
         ));
     }

@@ -120,6 +120,61 @@ fn tpch_queries_survive_a_killed_executor() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// An executor given notice (SIGTERM, as an eviction or a node drain sends) hands what only
+/// it holds to the others: same rows as the no-failure run, its outputs migrated, nothing
+/// recomputed, and no budget spent (the jobs allow no executor loss at all).
+#[test]
+fn tpch_queries_lose_nothing_to_a_drained_executor() {
+    let _serial = serial();
+    let data = tpch_data(0.1);
+    let rt = runtime();
+    let mut failures = Vec::new();
+    for (n, seed) in [(9, "3"), (18, "4")] {
+        let sql = read_query(&workspace_root().join(format!("bench/queries/q{n}.sql")));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base_job = tpch_job(&data, &sql, &format!("q{n}"), &dir.path().join("base"), 4);
+        let (_, baseline) = run(&rt, dir.path(), &base_job, &[], &format!("q{n}"));
+        let mut job = tpch_job(&data, &sql, &format!("q{n}"), &dir.path().join("drain"), 4);
+        job["failurePolicy"] =
+            serde_yaml::to_value(serde_json::json!({"maxExecutorLosses": 0})).expect("yaml");
+        let (summary, batches) = run(
+            &rt,
+            dir.path(),
+            &job,
+            &[
+                "--chaos",
+                "at=50%,executor=busiest,drain",
+                "--chaos-seed",
+                seed,
+            ],
+            &format!("q{n} with a drain"),
+        );
+        let mut problems = Vec::new();
+        if let Some(diff) = diff_row_sets(&baseline, &batches) {
+            problems.push(format!("output differs from the no-failure run:\n{diff}"));
+        }
+        let lost = losses(&summary);
+        let reasons: Vec<&str> = lost.iter().filter_map(|l| l["reason"].as_str()).collect();
+        if reasons != ["Drained"] {
+            problems.push(format!("expected one loss, Drained; got {reasons:?}"));
+        }
+        let migrated = summary_int(&summary, "/recovery/partitionsMigrated");
+        let recomputed = summary_int(&summary, "/totals/recomputed");
+        if migrated == 0 {
+            problems.push("nothing migrated: the drained executor held nothing needed".into());
+        }
+        if recomputed != 0 {
+            problems.push(format!("{recomputed} partitions recomputed after a drain"));
+        }
+        if problems.is_empty() {
+            eprintln!("q{n}: drained, {migrated} outputs migrated, none recomputed");
+        } else {
+            failures.push(format!("q{n}:\n{}", problems.join("\n")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
 #[test]
 fn wordcount_survives_a_killed_executor() {
     let _serial = serial();

@@ -14,6 +14,8 @@
 //! - losses and how long each took to make good: `loss_timings`;
 //! - stages whose blocks executors may drop, per executor: `drops`;
 //! - iterations of iterative steps: `iterations`;
+//! - executors being drained and the copies of their outputs: `drains`, with the events
+//!   that feed it in `core_drain.rs`;
 //! - what a replacement driver takes over (the executors' holdings, the journal of the
 //!   driver before it) and what it hands on (its own journal): `resume`, with the
 //!   events that feed it in `core_resume.rs`.
@@ -56,6 +58,8 @@ pub enum Progress {
     StageResumed { stage: u32 },
     /// An executor was lost.
     ExecutorLost { executor: String, reason: String },
+    /// An executor was given notice; `outputs` of its outputs are being copied away.
+    ExecutorDraining { executor: String, outputs: usize },
     /// An executor registered, serving blocks at `address`.
     ExecutorRegistered { executor: String, address: String },
     /// An iterative step started an iteration.
@@ -86,6 +90,8 @@ pub(crate) struct StageSubmission {
     /// Its plan's fingerprint: outputs of an earlier driver's stage are adopted only for the
     /// same plan.
     pub fingerprint: u64,
+    /// Blocks each task writes (its reduce partitions; 1 for pass-through outputs).
+    pub blocks_per_task: u32,
 }
 
 /// What the core keeps of each stage besides its place in the graph.
@@ -96,6 +102,7 @@ pub(crate) struct StageInfo {
     pub shuffle: bool,
     pub partitions: usize,
     pub fingerprint: u64,
+    pub blocks_per_task: u32,
     pub counters: StageCounters,
 }
 
@@ -135,7 +142,10 @@ pub(crate) enum PollAnswer {
         tasks: Vec<(TaskId, u32)>,
         drops: Vec<u32>,
         journal: Option<Vec<u8>>,
+        migrations: Vec<Migration>,
     },
+    /// The executor was drained: nothing it holds is needed here any more; exit.
+    Decommissioned,
     /// Nothing yet: wait for news before answering (a long poll).
     Wait,
 }
@@ -171,6 +181,7 @@ pub(crate) struct DriverCore {
     /// and what it hands on.
     resume: core_resume::Resume,
     loss_timings: Vec<LossTiming>,
+    drains: core_drain::Drains,
     drops: HashMap<ExecutorId, Vec<u32>>,
     registered: BTreeSet<ExecutorId>,
     departed: BTreeSet<ExecutorId>,
@@ -192,6 +203,7 @@ impl DriverCore {
             commits: BTreeMap::new(),
             resume: core_resume::Resume::new(run_id, epoch),
             loss_timings: Vec::new(),
+            drains: core_drain::Drains::default(),
             drops: HashMap::new(),
             registered: BTreeSet::new(),
             departed: BTreeSet::new(),
@@ -244,7 +256,8 @@ impl DriverCore {
 
     /// An executor asks for work with `free` slots, saying which attempts it holds (running,
     /// or finished with the report not yet acknowledged). `last_round`: answer even with
-    /// nothing to give (the long poll has waited long enough).
+    /// nothing to give (the long poll has waited long enough). A draining executor gets no
+    /// tasks; it is told to leave once its outputs moved.
     pub fn poll(
         &mut self,
         executor: &str,
@@ -261,6 +274,22 @@ impl DriverCore {
             return PollAnswer::UnknownExecutor;
         }
         self.sched.heartbeat(executor, now);
+        match self.drain_done(executor, now) {
+            Some(true) => {
+                self.finish_drain(executor, now);
+                return PollAnswer::Decommissioned;
+            }
+            Some(false) if !last_round => return PollAnswer::Wait,
+            Some(false) => {
+                return PollAnswer::Work {
+                    tasks: Vec::new(),
+                    drops: self.drops.remove(executor).unwrap_or_default(),
+                    journal: self.journal_for(executor),
+                    migrations: Vec::new(),
+                };
+            }
+            None => {}
+        }
         for task in self.sched.reconcile(executor, held) {
             self.changed = true;
             tracing::warn!(
@@ -271,14 +300,16 @@ impl DriverCore {
             );
         }
         let tasks = self.sched.assign(executor, free);
+        let migrations = self.take_migrations(executor);
         let drops = self.drops.get(executor).map_or(0, Vec::len);
-        if tasks.is_empty() && drops == 0 && !last_round && free > 0 {
+        if tasks.is_empty() && migrations.is_empty() && drops == 0 && !last_round && free > 0 {
             return PollAnswer::Wait;
         }
         PollAnswer::Work {
             tasks,
             drops: self.drops.remove(executor).unwrap_or_default(),
             journal: self.journal_for(executor),
+            migrations,
         }
     }
 
@@ -332,8 +363,9 @@ impl DriverCore {
         }
     }
 
-    /// Someone (the operator, the local runner, the heartbeat monitor) saw `executor` go;
-    /// `occurred` is when, if known.
+    /// Someone (the operator, the local runner) saw `executor` go; `occurred` is when, if
+    /// known. Said of an executor already declared lost by its silence, it settles why.
+    /// Returns whether the executor was live.
     pub fn lose(
         &mut self,
         executor: &str,
@@ -342,11 +374,30 @@ impl DriverCore {
         now: Instant,
     ) -> bool {
         if !self.sched.is_live(executor) {
+            let events = self.sched.executor_lost(executor, reason);
+            self.handle(events);
             return false;
         }
+        self.lose_now(executor, reason, false, occurred, now);
+        true
+    }
+
+    fn lose_now(
+        &mut self,
+        executor: &str,
+        reason: LossReason,
+        silent: bool,
+        occurred: Option<Instant>,
+        now: Instant,
+    ) {
         tracing::warn!(executor, reason = reason.as_str(), "executor lost");
+        self.drop_drains_of(executor);
         let width_before = self.live_width();
-        let events = self.sched.executor_lost(executor, reason);
+        let events = if silent {
+            self.sched.executor_silent(executor)
+        } else {
+            self.sched.executor_lost(executor, reason)
+        };
         self.loss_timings.push(LossTiming {
             occurred,
             detected: now,
@@ -358,16 +409,17 @@ impl DriverCore {
             reason: reason.as_str().to_string(),
         });
         self.handle(events);
-        true
     }
 
-    /// Declares lost every executor silent for longer than `timeout`.
+    /// Declares lost every executor silent for longer than `timeout`, as
+    /// `HeartbeatTimeout` counted nowhere until someone who sees its node settles why.
     pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<ExecutorId> {
         let expired = self.sched.expired(now, timeout);
         for (executor, last_seen) in &expired {
-            self.lose(
+            self.lose_now(
                 executor,
                 LossReason::HeartbeatTimeout,
+                true,
                 Some(*last_seen),
                 now,
             );
@@ -397,6 +449,7 @@ impl DriverCore {
                     shuffle: stage.shuffle,
                     partitions: stage.partitions,
                     fingerprint: stage.fingerprint,
+                    blocks_per_task: stage.blocks_per_task,
                     counters: StageCounters::default(),
                 },
             );
@@ -560,6 +613,25 @@ impl DriverCore {
                 reason: l.reason.as_str().to_string(),
             })
             .collect();
+        status.partitions_migrated = self.partitions_migrated();
+        status.holding = self
+            .outputs_held()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(executor_id, n)| rpc::ExecutorHolding {
+                executor_id,
+                outputs: n as u64,
+            })
+            .collect();
+        status.draining = self.draining().cloned().collect();
+        if let Some(t) = self.loss_timings.last() {
+            let ms = |d: Duration| d.as_millis() as u64;
+            let from = t.occurred.unwrap_or(t.detected);
+            status.last_detect_ms = ms(t.detected.saturating_duration_since(from));
+            status.last_recover_ms = t
+                .full_width
+                .map_or(0, |f| ms(f.saturating_duration_since(from)).max(1));
+        }
         status
     }
 
@@ -630,6 +702,7 @@ impl DriverCore {
         let ms = |d: Duration| d.as_millis() as u64;
         let mut recovery = RecoverySummary {
             outputs_lost: self.sched.outputs_lost(),
+            partitions_migrated: self.partitions_migrated(),
             driver_losses: self.driver_losses(),
             stages_resumed: self.stages_resumed(),
             ..Default::default()
@@ -666,8 +739,12 @@ impl DriverCore {
     }
 }
 
+#[path = "core_drain.rs"]
+mod core_drain;
 #[path = "core_resume.rs"]
 mod core_resume;
+
+pub(crate) use core_drain::Migration;
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

@@ -25,6 +25,7 @@ fn stage(id: u32, partitions: usize, inputs: Vec<u32>, sink: bool) -> StageSubmi
         shuffle: !sink,
         sink,
         fingerprint: 1000 + u64::from(id),
+        blocks_per_task: if sink { 1 } else { 4 },
     }
 }
 
@@ -124,6 +125,7 @@ fn an_idle_poll_waits_and_the_last_round_answers() {
             tasks: vec![],
             drops: vec![],
             journal: None,
+            migrations: vec![],
         }
     );
     core.take_changed();
@@ -182,6 +184,7 @@ fn an_attempt_the_executor_still_holds_is_left_running() {
             tasks: vec![],
             drops: vec![],
             journal: None,
+            migrations: vec![],
         }
     );
     assert!(
@@ -465,4 +468,88 @@ fn only_same_plans_on_live_executors_are_adopted_and_older_journals_only() {
     // A late executor with the real journal still brings the committed partition.
     core.register("b", "b:1", &[], Some(journal), now);
     assert_eq!(core.commits(2).len(), 1);
+}
+
+#[test]
+fn a_drained_executor_hands_its_outputs_over_and_leaves_counting_nothing() {
+    let now = Instant::now();
+    let mut core = job(now);
+    assert_eq!(
+        run_round(&mut core, "a", now),
+        2,
+        "the map outputs live on a"
+    );
+    core.take_progress();
+    assert!(core.decommission("a", "test", now));
+    assert!(!core.decommission("z", "test", now), "no such executor");
+    assert_eq!(
+        core.poll("a", 0, &none(), false, now),
+        PollAnswer::Wait,
+        "a waits while its outputs move"
+    );
+    let migrations = match core.poll("b", 0, &none(), true, now) {
+        PollAnswer::Work { migrations, .. } => migrations,
+        other => panic!("expected work, got {other:?}"),
+    };
+    let moving: Vec<TaskId> = migrations.iter().map(|m| m.task).collect();
+    let t = |partition| TaskId {
+        stage: 1,
+        partition,
+    };
+    assert_eq!(moving, vec![t(0), t(1)]);
+    assert!(
+        migrations
+            .iter()
+            .all(|m| m.source == "a" && m.source_address == "a:1" && m.blocks == 4)
+    );
+    assert!(core.migrated("b", t(0), "a", true));
+    assert!(!core.migrated("b", t(0), "a", true), "a copy counts once");
+    assert!(
+        !core.migrated("b", t(1), "a", false),
+        "a failed copy moves nothing"
+    );
+    assert_eq!(
+        core.job_status().draining,
+        vec!["a".to_string()],
+        "a drains until it polls again"
+    );
+    assert_eq!(
+        core.poll("a", 0, &none(), true, now),
+        PollAnswer::Decommissioned
+    );
+    let status = core.job_status();
+    assert_eq!(status.partitions_migrated, 1);
+    assert!(status.draining.is_empty());
+    assert_eq!(status.lost_executors[0].reason, "Drained");
+    assert_eq!(
+        status.holding,
+        vec![rpc::ExecutorHolding {
+            executor_id: "b".into(),
+            outputs: 1
+        }]
+    );
+    // What did not move is recomputed; the job ends.
+    assert_eq!(run_round(&mut core, "b", now), 1);
+    assert_eq!(run_round(&mut core, "b", now), 2);
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    let summary = core.summary(&kiln_api::JobSpec::default());
+    assert_eq!(summary.recovery.partitions_migrated, 1);
+    assert_eq!(summary.totals.recomputed, 1);
+    assert_eq!(summary.recovery.executors_lost["Drained"], 1);
+}
+
+#[test]
+fn copies_to_or_from_a_lost_executor_are_forgotten() {
+    let now = Instant::now();
+    let mut core = job(now);
+    core.register("c", "c:1", &[], None, now);
+    assert_eq!(run_round(&mut core, "a", now), 2);
+    assert!(core.decommission("a", "test", now));
+    core.lose("b", LossReason::Preempted, None, now);
+    core.lose("c", LossReason::Preempted, None, now);
+    assert_eq!(
+        core.poll("a", 0, &none(), true, now),
+        PollAnswer::Decommissioned,
+        "its targets are gone: nothing left to wait for"
+    );
 }

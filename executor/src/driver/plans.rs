@@ -55,6 +55,10 @@ impl StagePlans {
                         .is_some_and(|w| w.partitioning().is_some()),
                     sink: stage.plan.is::<SinkExec>(),
                     fingerprint,
+                    blocks_per_task: stage
+                        .plan
+                        .downcast_ref::<ShuffleWriterExec>()
+                        .map_or(1, |w| w.reduce_partitions() as u32),
                 };
                 self.plans.insert(
                     stage.id,

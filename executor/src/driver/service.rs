@@ -241,6 +241,10 @@ impl rpc::driver_server::Driver for DriverService {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let answer = self.shared.act(|s| {
+                if req.draining && round == 0 {
+                    s.core
+                        .decommission(&req.executor_id, "SIGTERM", Instant::now());
+                }
                 let answer = s.core.poll(
                     &req.executor_id,
                     req.free_slots as usize,
@@ -248,8 +252,14 @@ impl rpc::driver_server::Driver for DriverService {
                     round == 1,
                     Instant::now(),
                 );
-                let (tasks, drops, journal) = match answer {
+                let (tasks, drops, journal, migrations) = match answer {
                     PollAnswer::Wait => return None,
+                    PollAnswer::Decommissioned => {
+                        return Some(rpc::PollResponse {
+                            decommissioned: true,
+                            ..Default::default()
+                        });
+                    }
                     PollAnswer::Shutdown => {
                         return Some(rpc::PollResponse {
                             shutdown: true,
@@ -266,7 +276,8 @@ impl rpc::driver_server::Driver for DriverService {
                         tasks,
                         drops,
                         journal,
-                    } => (tasks, drops, journal),
+                        migrations,
+                    } => (tasks, drops, journal, migrations),
                 };
                 let mut defs = Vec::with_capacity(tasks.len());
                 for (task, attempt) in tasks {
@@ -288,6 +299,17 @@ impl rpc::driver_server::Driver for DriverService {
                     tasks: defs,
                     drop_stages: drops,
                     journal: journal.unwrap_or_default(),
+                    migrations: migrations
+                        .into_iter()
+                        .map(|m| rpc::BlockMigration {
+                            stage_id: m.task.stage,
+                            partition: m.task.partition,
+                            source_executor: m.source,
+                            source_address: m.source_address,
+                            reduce_partitions: m.blocks,
+                            fingerprint: m.fingerprint,
+                        })
+                        .collect(),
                     ..Default::default()
                 })
             });
@@ -342,6 +364,39 @@ impl rpc::driver_server::Driver for DriverService {
             known
         });
         Ok(Response::new(rpc::ExecutorLostResponse { known }))
+    }
+
+    async fn decommission(
+        &self,
+        request: Request<rpc::DecommissionRequest>,
+    ) -> Result<Response<rpc::DecommissionResponse>, Status> {
+        let req = request.into_inner();
+        self.shared.check_token(&req.token)?;
+        let known = self.shared.act(|s| {
+            s.core
+                .decommission(&req.executor_id, &req.cause, Instant::now())
+        });
+        Ok(Response::new(rpc::DecommissionResponse { known }))
+    }
+
+    async fn report_migration(
+        &self,
+        request: Request<rpc::MigrationReport>,
+    ) -> Result<Response<rpc::ReportAck>, Status> {
+        let req = request.into_inner();
+        self.shared.check_token(&req.token)?;
+        if !req.ok {
+            tracing::warn!(executor = %req.executor_id, stage = req.stage_id, partition = req.partition, error = %req.message, "an output copy failed");
+        }
+        let task = TaskId {
+            stage: req.stage_id,
+            partition: req.partition,
+        };
+        self.shared.act(|s| {
+            s.core
+                .migrated(&req.executor_id, task, &req.source_executor, req.ok)
+        });
+        Ok(Response::new(rpc::ReportAck {}))
     }
 
     async fn job_status(

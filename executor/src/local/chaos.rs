@@ -33,6 +33,9 @@ pub enum ChaosAction {
     Kill,
     /// SIGSTOP for this long, then SIGCONT: a slow or frozen executor.
     Pause(Duration),
+    /// SIGTERM: notice, as a pod being evicted or its node drained gets; the executor
+    /// drains (its outputs move to others) and leaves.
+    Drain,
 }
 
 /// Which executor a chaos event hits.
@@ -49,7 +52,7 @@ pub enum ChaosTarget {
 }
 
 /// One chaos event: `stage=3,at=50%`, `after-stage=2,executor=exec-1`, `at=50%,pause=3s`,
-/// `iteration=5`, `driver,after-stage=2`.
+/// `after-stage=2,drain`, `iteration=5`, `driver,after-stage=2`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChaosEvent {
     /// When.
@@ -80,8 +83,10 @@ impl fmt::Display for ChaosEvent {
             ChaosTarget::Busiest => write!(f, ",executor=busiest")?,
             ChaosTarget::Random | ChaosTarget::Driver => {}
         }
-        if let ChaosAction::Pause(d) = self.action {
-            write!(f, ",pause={}ms", d.as_millis())?;
+        match self.action {
+            ChaosAction::Pause(d) => write!(f, ",pause={}ms", d.as_millis())?,
+            ChaosAction::Drain => write!(f, ",drain")?,
+            ChaosAction::Kill => {}
         }
         Ok(())
     }
@@ -125,6 +130,10 @@ impl std::str::FromStr for ChaosEvent {
                 target = ChaosTarget::Driver;
                 continue;
             }
+            if part == "drain" {
+                action = ChaosAction::Drain;
+                continue;
+            }
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(spec, format!("`{part}` is not key=value")))?;
@@ -154,14 +163,17 @@ impl std::str::FromStr for ChaosEvent {
                     return Err(bad(
                         spec,
                         format!(
-                            "unknown key `{key}` (use driver, stage, at, after-stage, iteration, executor, pause)"
+                            "unknown key `{key}` (use driver, drain, stage, at, after-stage, iteration, executor, pause)"
                         ),
                     ));
                 }
             }
         }
         if target == ChaosTarget::Driver && action != ChaosAction::Kill {
-            return Err(bad(spec, "the driver can only be killed, not paused"));
+            return Err(bad(
+                spec,
+                "the driver can only be killed, not paused or drained",
+            ));
         }
         if let Some(n) = iteration {
             if after.is_some() || percent.is_some() || stage.is_some() {

@@ -118,6 +118,8 @@ pub(crate) struct Fleet {
     settled: HashSet<String>,
     /// Executors chaos killed, and when: their loss is a preemption.
     killed: HashMap<String, Instant>,
+    /// Executors chaos gave notice (SIGTERM), and when: they drain and leave.
+    drained: HashMap<String, Instant>,
     losses: u32,
     next_id: u32,
 }
@@ -141,6 +143,7 @@ impl Fleet {
             running: HashMap::new(),
             settled: HashSet::new(),
             killed: HashMap::new(),
+            drained: HashMap::new(),
             losses: 0,
             next_id: 0,
         }
@@ -241,21 +244,31 @@ impl Fleet {
         if stopping {
             return;
         }
-        let (reason, occurred) = match self.killed.get(&exit.id) {
-            Some(at) => (LossReason::Preempted, *at),
-            None => (LossReason::Failed, exit.at),
+        let clean = matches!(&exit.status, Ok(s) if s.success());
+        let (reason, occurred) = match (self.killed.get(&exit.id), self.drained.get(&exit.id)) {
+            (Some(at), _) => (LossReason::Preempted, *at),
+            (None, Some(at)) if clean => (LossReason::Drained, *at),
+            (None, Some(at)) => (LossReason::Preempted, *at),
+            (None, None) => (LossReason::Failed, exit.at),
         };
         // Idempotent: an executor the driver already gave up on is not lost twice.
         self.driver.executor_lost(&exit.id, reason, Some(occurred));
-        self.replace(&exit.id, waiters, exits);
+        self.replace(&exit.id, reason, waiters, exits);
     }
 
-    /// Starts a replacement for `id` once, while the loss budget lasts.
-    fn replace(&mut self, id: &str, waiters: &mut JoinSet<()>, exits: &mpsc::Sender<Exit>) {
+    /// Starts a replacement for `id` once, while the loss budget lasts (reclaims, drains
+    /// and lost nodes never spend it).
+    fn replace(
+        &mut self,
+        id: &str,
+        reason: LossReason,
+        waiters: &mut JoinSet<()>,
+        exits: &mpsc::Sender<Exit>,
+    ) {
         if !self.settled.insert(id.to_string()) {
             return;
         }
-        self.losses += 1;
+        self.losses += u32::from(reason.counts_against_budget());
         if self.losses > self.budget {
             tracing::warn!(executor = %id, budget = self.budget, "loss budget spent; not replacing");
             return;
@@ -274,12 +287,14 @@ impl Fleet {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(executor.clone(), address.clone());
         }
-        if let Progress::ExecutorLost { executor, .. } = event
+        if let Progress::ExecutorLost { executor, reason } = event
             && self.running.contains_key(executor)
         {
-            // Declared lost while its process still runs (a heartbeat timeout): the driver
-            // ignores it from now on and it exits when it hears so. Replace it now.
-            self.replace(&executor.clone(), waiters, exits);
+            // Declared lost while its process still runs (a heartbeat timeout, the end of
+            // a drain): the driver ignores it from now on and it exits when it hears so.
+            // Replace it now. A silence is the process's own fault here: there is no node.
+            let reason = LossReason::parse(reason).unwrap_or(LossReason::Failed);
+            self.replace(&executor.clone(), reason, waiters, exits);
         }
         if self.chaos.done() {
             return;
@@ -315,6 +330,12 @@ impl Fleet {
                 if let Some(kill) = running.kill.take() {
                     let _ = kill.send(());
                 }
+            }
+            ChaosAction::Drain => {
+                let Some(pid) = running.pid else { return };
+                tracing::warn!(%executor, event = %order.event, "chaos: giving executor notice (SIGTERM)");
+                self.drained.insert(executor.clone(), Instant::now());
+                tokio::spawn(async move { signal(pid, "TERM").await });
             }
             ChaosAction::Pause(d) => {
                 let Some(pid) = running.pid else { return };

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -235,6 +236,17 @@ impl PeerClients {
         id: BlockId,
         received: Count,
     ) -> Result<Vec<RecordBatch>> {
+        Ok(self.fetch_block(address, id, received).await?.1)
+    }
+
+    /// Like [`PeerClients::fetch`], with the block's schema (known even for an empty block):
+    /// what a copy of the block needs.
+    pub async fn fetch_block(
+        &self,
+        address: &str,
+        id: BlockId,
+        received: Count,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let channel = self.channel(address)?;
         let transfer = SpawnedTask::spawn(async move {
             let mut client =
@@ -248,10 +260,18 @@ impl PeerClients {
                 received.add(d.data_body.len() + d.data_header.len());
                 Ok(d)
             });
-            FlightRecordBatchStream::new_from_flight_data(data)
-                .try_collect::<Vec<RecordBatch>>()
-                .await
-                .map_err(Error::Flight)
+            let mut stream = FlightRecordBatchStream::new_from_flight_data(data);
+            let mut batches = Vec::new();
+            while let Some(batch) = stream.try_next().await.map_err(Error::Flight)? {
+                batches.push(batch);
+            }
+            let schema = match stream.schema() {
+                Some(schema) => schema.clone(),
+                None => batches.first().map(RecordBatch::schema).ok_or_else(|| {
+                    Error::Flight(FlightError::protocol("a block without a schema"))
+                })?,
+            };
+            Ok((schema, batches))
         });
         transfer
             .join_unwind()

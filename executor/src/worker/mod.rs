@@ -14,12 +14,19 @@
 //! Flight `attach` action, and the executor registers with it, listing its holdings, so
 //! the new driver adopts them instead of recomputing. A driver of an older epoch is
 //! refused.
+//!
+//! An executor given notice (SIGTERM: its pod is being deleted, evicted or its node drained)
+//! drains: it abandons its running tasks (the driver resubmits them elsewhere, counting
+//! nothing), takes no more, and keeps serving its blocks while the driver has other
+//! executors copy those only it holds; it exits when the driver says nothing it holds is
+//! needed any more, or when its driver is gone.
 mod faults;
+mod migrate;
 mod tasks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,6 +109,8 @@ struct Session {
     held: Mutex<BTreeSet<AttemptKey>>,
     holdings: Arc<Mutex<Holdings>>,
     faults: Arc<Faults>,
+    /// Flight clients to other executors, for copies of a drained executor's outputs.
+    peers: Arc<PeerClients>,
     /// How long a report is retried before the driver is taken to be gone.
     patience: Duration,
     /// How long the executor waits for a driver, its own or a replacement, before it exits
@@ -162,6 +171,7 @@ struct Setup {
     ctx: Arc<SessionContext>,
     slots: usize,
     grace: Duration,
+    peers: Arc<PeerClients>,
 }
 
 /// Runs an executor until a driver says the job is over.
@@ -222,6 +232,8 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     // Blocks are kept with a budget known only from the job spec: the store starts once the
     // first driver answered, and the Flight service with it.
     let faults = Arc::new(Faults::parse(&opts.faults)?);
+    let draining = Arc::new(AtomicBool::new(false));
+    let notice = notice_on_sigterm(draining.clone())?;
     let holdings = Arc::new(Mutex::new(Holdings::default()));
     let mut driver = opts.driver.clone();
     let mut setup: Option<(Setup, Arc<BlockStore>)> = None;
@@ -285,10 +297,20 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
             held: Mutex::new(BTreeSet::new()),
             holdings: holdings.clone(),
             faults: faults.clone(),
+            peers: s.peers.clone(),
             patience: patience(&registered),
             grace: s.grace,
         });
-        match work_loop(&session, &mut client, store, s.slots, &mut attach_rx).await {
+        match work_loop(
+            &session,
+            &mut client,
+            store,
+            s.slots,
+            &draining,
+            &mut attach_rx,
+        )
+        .await
+        {
             Ok(SessionEnd::Shutdown) => break Ok(()),
             Ok(SessionEnd::Attach(req)) => driver = req.driver,
             Err(e) => break Err(e),
@@ -297,7 +319,26 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     if let Some(f) = flight {
         f.abort();
     }
+    notice.abort();
     result
+}
+
+/// Sets `draining` when the process gets SIGTERM (its pod is going, with a grace period).
+fn notice_on_sigterm(draining: Arc<AtomicBool>) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|source| Error::Io {
+        action: "listen for",
+        path: PathBuf::from("SIGTERM"),
+        source,
+    })?;
+    Ok(tokio::spawn(async move {
+        if term.recv().await.is_some() {
+            tracing::warn!(
+                "SIGTERM: draining (no more tasks; blocks only this executor holds move to others)"
+            );
+            draining.store(true, Ordering::SeqCst);
+        }
+    }))
 }
 
 /// How long the executor waits for a silent driver: the driver's heartbeat timeout.
@@ -367,6 +408,7 @@ fn set_up(
             ctx,
             slots,
             grace: spec.failure_policy.driver_grace(),
+            peers: Arc::new(PeerClients::default()),
         },
         store,
     ))
@@ -414,11 +456,14 @@ async fn or_attach<T>(
 async fn work_loop(
     env: &Arc<Session>,
     client: &mut DriverClient<Channel>,
-    store: &BlockStore,
+    store: &Arc<BlockStore>,
     slots: usize,
+    draining: &AtomicBool,
     attach: &mut mpsc::UnboundedReceiver<AttachRequest>,
 ) -> Result<SessionEnd> {
     let mut running: JoinSet<()> = JoinSet::new();
+    let mut copies: JoinSet<()> = JoinSet::new();
+    let mut drained_tasks = false;
     let mut unreachable_since: Option<Instant> = None;
     // Tasks of the driver being left are abandoned: the new one reschedules what it needs.
     macro_rules! attached {
@@ -429,7 +474,19 @@ async fn work_loop(
     }
     loop {
         while running.try_join_next().is_some() {}
-        let free = slots.saturating_sub(running.len());
+        while copies.try_join_next().is_some() {}
+        let is_draining = draining.load(Ordering::SeqCst);
+        if is_draining && !drained_tasks {
+            // The driver resubmits them elsewhere; their reports would not count.
+            running.shutdown().await;
+            env.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            drained_tasks = true;
+        }
+        let free = if is_draining {
+            0
+        } else {
+            slots.saturating_sub(running.len())
+        };
         let held = env
             .held
             .lock()
@@ -447,6 +504,7 @@ async fn work_loop(
                 free_slots: free as u32,
                 token: env.token.clone(),
                 held,
+                draining: is_draining,
             },
             POLL_DEADLINE,
         ));
@@ -458,6 +516,10 @@ async fn work_loop(
             Ok(r) => {
                 unreachable_since = None;
                 r.into_inner()
+            }
+            Err(status) if is_draining => {
+                tracing::warn!(error = %status, "draining and the driver is unreachable; exiting");
+                return Ok(SessionEnd::Shutdown);
             }
             Err(status) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
@@ -493,6 +555,16 @@ async fn work_loop(
         if response.shutdown {
             running.shutdown().await;
             return Ok(SessionEnd::Shutdown);
+        }
+        if response.decommissioned {
+            tracing::info!("drained: nothing this executor holds is needed any more; exiting");
+            running.shutdown().await;
+            copies.shutdown().await;
+            return Ok(SessionEnd::Shutdown);
+        }
+        for m in response.migrations {
+            let (env, store) = (env.clone(), store.clone());
+            copies.spawn(async move { migrate::copy_output(&env, &store, m).await });
         }
         if response.unknown_executor {
             running.shutdown().await;

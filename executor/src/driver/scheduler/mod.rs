@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kiln_api::FailurePolicy;
 
+mod drain;
 mod types;
 
 pub use kiln_api::LossReason;
@@ -47,6 +48,8 @@ struct ExecutorInfo {
     address: String,
     running: BTreeSet<TaskId>,
     last_seen: Instant,
+    /// Given notice: it takes no more tasks while its outputs move away.
+    draining: bool,
 }
 
 /// The scheduler.
@@ -217,6 +220,7 @@ impl Scheduler {
                 address: address.to_string(),
                 running: BTreeSet::new(),
                 last_seen: now,
+                draining: false,
             });
         info.address = address.to_string();
         info.last_seen = now;
@@ -257,7 +261,10 @@ impl Scheduler {
     /// Hands `executor` up to `free` tasks, upstream stages first, tasks whose preferred
     /// data lives on this executor before others.
     pub fn assign(&mut self, executor: &str, free: usize) -> Vec<(TaskId, u32)> {
-        if free == 0 || self.failure.is_some() || !self.executors.contains_key(executor) {
+        if free == 0
+            || self.failure.is_some()
+            || self.executors.get(executor).is_none_or(|e| e.draining)
+        {
             return Vec::new();
         }
         let mut picks: Vec<TaskId> = Vec::new();
@@ -444,7 +451,7 @@ impl Scheduler {
                         }
                     });
                 if held_there {
-                    events.extend(self.lose_outputs(&[(stage, map_partition)]));
+                    events.extend(self.lose_outputs(&[(stage, map_partition)], true));
                 }
                 events.extend(self.refresh());
                 events
@@ -452,10 +459,33 @@ impl Scheduler {
         }
     }
 
-    /// An executor is gone: its running tasks go back to pending (counted as a failed attempt
-    /// unless it was preempted) and the outputs that lived only there are recomputed where
-    /// still needed.
+    /// An executor is gone: its running tasks go back to pending and the outputs that lived
+    /// only there are recomputed where still needed. A loss whose reason counts against the
+    /// budget ([`LossReason::counts_against_budget`]) counts toward `maxExecutorLosses`, and
+    /// its running tasks and resubmitted stages count as failed attempts; a reclaim counts
+    /// nowhere. Said again of an executor declared lost by its silence, it settles the
+    /// reason (see [`Scheduler::executor_silent`]).
     pub fn executor_lost(&mut self, id: &str, reason: LossReason) -> Vec<SchedulerEvent> {
+        if !self.executors.contains_key(id) {
+            return self.settle_silence(id, reason);
+        }
+        self.executor_gone(id, reason, reason.counts_against_budget(), false)
+    }
+
+    /// An executor stopped sending heartbeats. Whether that is its fault (a hung process) or
+    /// not (its node died) only someone who sees the node can tell: the loss counts nowhere
+    /// until [`Scheduler::executor_lost`] settles its reason.
+    pub fn executor_silent(&mut self, id: &str) -> Vec<SchedulerEvent> {
+        self.executor_gone(id, LossReason::HeartbeatTimeout, false, true)
+    }
+
+    fn executor_gone(
+        &mut self,
+        id: &str,
+        reason: LossReason,
+        counted: bool,
+        unsettled: bool,
+    ) -> Vec<SchedulerEvent> {
         let Some(info) = self.executors.remove(id) else {
             return Vec::new();
         };
@@ -464,14 +494,11 @@ impl Scheduler {
             executor: id.to_string(),
             reason,
             outputs_lost: 0,
+            counted,
+            unsettled,
         });
-        if self.losses.len() as u32 > self.policy.max_executor_losses {
-            return self.fail(JobFailure::ExecutorLosses {
-                lost: self.losses.len() as u32,
-                limit: self.policy.max_executor_losses,
-                executor: id.to_string(),
-                reason,
-            });
+        if let Some(failed) = self.over_loss_budget(id, reason) {
+            return failed;
         }
         let mut events = Vec::new();
         let max_attempts = self.policy.max_task_attempts;
@@ -482,7 +509,7 @@ impl Scheduler {
                 .expect("running task has a stage");
             let p = task.partition as usize;
             s.tasks[p] = TaskState::Pending;
-            if reason != LossReason::Preempted {
+            if counted {
                 s.failures[p] += 1;
                 let failures = s.failures[p];
                 if failures >= max_attempts {
@@ -510,12 +537,42 @@ impl Scheduler {
             })
             .collect();
         let before = self.outputs_lost;
-        events.extend(self.lose_outputs(&held));
+        events.extend(self.lose_outputs(&held, counted));
         if let Some(loss) = self.losses.last_mut() {
             loss.outputs_lost = self.outputs_lost - before;
         }
         events.extend(self.refresh());
         events
+    }
+
+    /// The loss of an executor declared lost by its silence gets its settled reason; one
+    /// that counts is checked against the budget now.
+    fn settle_silence(&mut self, id: &str, reason: LossReason) -> Vec<SchedulerEvent> {
+        let Some(loss) = self
+            .losses
+            .iter_mut()
+            .rev()
+            .find(|l| l.executor == id && l.unsettled)
+        else {
+            return Vec::new();
+        };
+        loss.unsettled = false;
+        loss.reason = reason;
+        loss.counted = reason.counts_against_budget();
+        self.over_loss_budget(id, reason).unwrap_or_default()
+    }
+
+    /// The job's failure when the counted losses exceed `maxExecutorLosses`.
+    fn over_loss_budget(&mut self, id: &str, reason: LossReason) -> Option<Vec<SchedulerEvent>> {
+        let counted = self.losses.iter().filter(|l| l.counted).count() as u32;
+        (counted > self.policy.max_executor_losses).then(|| {
+            self.fail(JobFailure::ExecutorLosses {
+                lost: counted,
+                limit: self.policy.max_executor_losses,
+                executor: id.to_string(),
+                reason,
+            })
+        })
     }
 
     /// Reconciles what the driver thinks `executor` runs with the attempts it says it holds
@@ -571,7 +628,7 @@ impl Scheduler {
         if !held_there {
             return Vec::new();
         }
-        let mut events = self.lose_outputs(&[(stage, partition)]);
+        let mut events = self.lose_outputs(&[(stage, partition)], true);
         events.extend(self.refresh());
         events
     }
@@ -587,7 +644,9 @@ impl Scheduler {
                 }))
     }
 
-    fn lose_outputs(&mut self, outputs: &[(u32, u32)]) -> Vec<SchedulerEvent> {
+    /// Outputs gone: recomputed where still needed. `counted`: a stage resubmitted for them
+    /// uses one of its `maxStageAttempts` (not after a reclaim).
+    fn lose_outputs(&mut self, outputs: &[(u32, u32)], counted: bool) -> Vec<SchedulerEvent> {
         let mut by_stage: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for &(sid, p) in outputs {
             by_stage.entry(sid).or_default().push(p);
@@ -608,7 +667,7 @@ impl Scheduler {
             }
             self.outputs_lost += partitions_lost as u64;
             if s.status == StageStatus::Succeeded {
-                s.attempts += 1;
+                s.attempts += u32::from(counted);
                 if s.attempts > self.policy.max_stage_attempts {
                     let attempts = s.attempts;
                     events.extend(self.fail(JobFailure::StageAttempts {

@@ -146,24 +146,153 @@ fn losing_an_executor_recomputes_only_its_outputs() {
 }
 
 #[test]
-fn a_preemption_does_not_count_against_task_attempts_but_a_failure_does() {
+fn reclaims_count_against_no_budget_but_failures_do() {
     let (mut s, now) = two_stage_job();
-    let _ = s.assign("b", 8);
-    s.executor_lost("b", LossReason::Preempted);
-    s.register_executor("c", "c:1", now);
-    let _ = s.assign("c", 8);
-    s.executor_lost("c", LossReason::Failed);
-    assert!(s.failure().is_none());
-    s.register_executor("d", "d:1", now);
-    let _ = s.assign("d", 8);
-    let ev = s.executor_lost("d", LossReason::Failed);
+    for (e, reason) in [
+        ("b", LossReason::Preempted),
+        ("c", LossReason::NodeLost),
+        ("d", LossReason::Drained),
+    ] {
+        s.register_executor(e, &format!("{e}:1"), now);
+        assert!(!s.assign(e, 8).is_empty() || e == "b", "{e} got work");
+        s.executor_lost(e, reason);
+    }
+    let _ = s.assign("a", 8);
+    assert!(s.failure().is_none(), "{:?}", s.failure());
     assert!(
-        matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.to_string().contains("maxExecutorLosses")),
+        s.stages
+            .values()
+            .all(|st| st.failures.iter().all(|f| *f == 0)),
+        "no task attempt counted"
+    );
+    for e in ["e", "f"] {
+        s.register_executor(e, &format!("{e}:1"), now);
+        s.executor_lost(e, LossReason::Failed);
+    }
+    assert!(
+        s.failure().is_none(),
+        "two failures are within a budget of 2"
+    );
+    s.register_executor("g", "g:1", now);
+    let ev = s.executor_lost("g", LossReason::OomKilled);
+    assert!(
+        matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.to_string().contains("lost 3 executors")),
         "{ev:?}"
     );
     assert!(
         !s.register_executor("d", "d:1", now),
         "a lost id cannot come back"
+    );
+}
+
+#[test]
+fn a_running_task_lost_with_a_failed_executor_counts_as_an_attempt() {
+    let (mut s, now) = two_stage_job();
+    for e in ["b", "c", "d"] {
+        s.register_executor(e, &format!("{e}:1"), now);
+    }
+    let mut policy = policy();
+    policy.max_executor_losses = 10;
+    s.policy = policy;
+    let first = s.assign("b", 1)[0].0;
+    s.executor_lost("b", LossReason::Failed);
+    assert_eq!(s.assign("c", 1)[0].0, first);
+    s.executor_lost("c", LossReason::Failed);
+    assert_eq!(s.assign("d", 1)[0].0, first);
+    let ev = s.executor_lost("d", LossReason::Failed);
+    assert!(
+        matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.to_string().contains("maxTaskAttempts")),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn a_silence_counts_only_once_settled_as_the_executors_own_fault() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(FailurePolicy {
+        max_executor_losses: 0,
+        ..policy()
+    });
+    s.add_stage(1, 2, vec![], None);
+    for e in ["a", "b", "c"] {
+        s.register_executor(e, &format!("{e}:1"), now);
+    }
+    let _ = s.assign("a", 1);
+    assert!(
+        s.executor_silent("a").is_empty(),
+        "a silence alone fails nothing"
+    );
+    assert!(s.executor_lost("a", LossReason::NodeLost).is_empty());
+    assert_eq!(s.losses()[0].reason, LossReason::NodeLost);
+    assert!(s.failure().is_none());
+    s.executor_silent("b");
+    let ev = s.executor_lost("b", LossReason::HeartbeatTimeout);
+    assert!(
+        matches!(&ev[..], [SchedulerEvent::JobFailed(r)] if r.to_string().contains("maxExecutorLosses")),
+        "{ev:?}"
+    );
+    assert!(
+        s.executor_lost("b", LossReason::NodeLost).is_empty(),
+        "a settled loss is not settled again"
+    );
+}
+
+#[test]
+fn a_decommissioned_executor_takes_no_tasks_and_lists_what_only_it_holds() {
+    let (mut s, _) = two_stage_job();
+    run_all(&mut s, 1);
+    let on_b = s.outputs_on("b");
+    let running = s.assign("b", 1);
+    assert_eq!(running.len(), 1, "b runs a task of stage 2");
+    let outputs = s.decommission("b").expect("b is live");
+    assert!(s.is_draining("b"));
+    assert!(
+        s.assign("b", 8).is_empty(),
+        "no tasks for a draining executor"
+    );
+    assert_eq!(
+        outputs,
+        on_b[&1].iter().map(|p| task(1, *p)).collect::<Vec<_>>(),
+        "stage 1's outputs on b are needed by the join"
+    );
+    // b's running task went back to pending, counting nothing
+    let again = s.assign("a", 8);
+    assert!(again.iter().any(|(t, _)| *t == running[0].0), "{again:?}");
+    assert!(s.stages[&2].failures.iter().all(|f| *f == 0));
+    assert!(s.decommission("z").is_none());
+}
+
+#[test]
+fn a_moved_output_lives_on_its_new_executor_and_its_readers_re_resolve() {
+    let (mut s, now) = two_stage_job();
+    run_all(&mut s, 1);
+    run_all(&mut s, 2);
+    assert_eq!(s.status(3), Some(StageStatus::Resolved));
+    let epoch = s.epoch(3);
+    let moving = s.decommission("b").expect("live");
+    assert!(!moving.is_empty());
+    s.register_executor("c", "c:1", now);
+    assert!(!s.move_output(moving[0], "b", "z"), "no such target");
+    assert!(!s.move_output(moving[0], "a", "c"), "not held by a");
+    for t in &moving {
+        assert!(s.move_output(*t, "b", "c"));
+    }
+    assert!(
+        s.epoch(3) > epoch,
+        "the join's plan names the new locations"
+    );
+    assert!(s.outputs_only_on("b").is_empty());
+    let ev = s.executor_lost("b", LossReason::Drained);
+    assert!(
+        !ev.iter().any(|e| matches!(e, SchedulerEvent::JobFailed(_))),
+        "{ev:?}"
+    );
+    assert_eq!(s.outputs_lost(), 0, "nothing to recompute after the drain");
+    assert!(
+        s.locations(1)
+            .unwrap()
+            .iter()
+            .all(|(e, _)| e == "a" || e == "c")
     );
 }
 

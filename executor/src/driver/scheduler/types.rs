@@ -147,6 +147,10 @@ pub struct Loss {
     pub reason: LossReason,
     /// Outputs it held that were still needed, now to be recomputed.
     pub outputs_lost: u64,
+    /// Whether it counts against the budgets (see [`LossReason::counts_against_budget`]).
+    pub counted: bool,
+    /// Declared by its silence, its reason not yet settled by someone who sees its node.
+    pub unsettled: bool,
 }
 
 /// What changed, for the driver to act on.

@@ -1,0 +1,201 @@
+//! Draining an executor given notice, in the core: which outputs move where, the copies
+//! handed to the targets with their next poll, what arrived, and when the executor may
+//! leave. The scheduler says which outputs live only on the executor and moves their
+//! locations; this part pairs them with targets and keeps the bookkeeping.
+//!
+//! An executor leaves once every copy arrived or failed, or `DRAIN_DEADLINE` after its
+//! notice (its grace period ends anyway); it is then lost with reason `Drained`, which
+//! counts against no budget, and what did not move is recomputed from lineage.
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::{DriverCore, ExecutorId, LossReason, Progress, TaskId};
+
+/// The longest a drain waits for its copies before the executor is told to leave.
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
+
+/// One output to copy from a decommissioned executor, as its target gets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Migration {
+    /// The task whose output moves.
+    pub task: TaskId,
+    /// The executor it moves from, and its block-service address.
+    pub source: ExecutorId,
+    pub source_address: String,
+    /// Blocks the task wrote (one per reduce partition; 1 for pass-through outputs).
+    pub blocks: u32,
+    /// The stage plan's fingerprint, kept with the copy.
+    pub fingerprint: u64,
+}
+
+/// An executor being drained.
+#[derive(Debug)]
+pub(super) struct Drain {
+    /// When it was given notice.
+    started: Instant,
+    /// Copies handed out or queued and not yet reported.
+    pending: BTreeSet<TaskId>,
+}
+
+/// What the core keeps of drains.
+#[derive(Debug, Default)]
+pub(super) struct Drains {
+    /// Executors being drained.
+    draining: BTreeMap<ExecutorId, Drain>,
+    /// Copies waiting for their target's next poll.
+    queued: BTreeMap<ExecutorId, Vec<Migration>>,
+    /// Copies under way: task → (source, target).
+    in_flight: BTreeMap<TaskId, (ExecutorId, ExecutorId)>,
+    /// Outputs moved instead of recomputed.
+    pub migrated: u64,
+}
+
+impl DriverCore {
+    /// `executor` was given notice (`cause`: what said so). It takes no more tasks; its
+    /// running tasks are resubmitted elsewhere without counting as failures; the outputs
+    /// still needed that only it holds are shared out to the other live executors, most
+    /// urgent first, spreading them over the targets holding least. Returns whether the
+    /// executor was live.
+    pub fn decommission(&mut self, executor: &str, cause: &str, now: Instant) -> bool {
+        if self.drains.draining.contains_key(executor) {
+            return true;
+        }
+        let Some(address) = self.sched.address(executor).map(str::to_string) else {
+            return false;
+        };
+        let Some(outputs) = self.sched.decommission(executor) else {
+            return false;
+        };
+        let mut load: Vec<(usize, ExecutorId)> = self
+            .outputs_held()
+            .into_iter()
+            .filter(|(e, _)| e != executor && !self.sched.is_draining(e))
+            .map(|(e, n)| (n, e))
+            .collect();
+        let mut pending = BTreeSet::new();
+        if !load.is_empty() {
+            for task in &outputs {
+                let Some(info) = self.stages.get(&task.stage) else {
+                    continue;
+                };
+                load.sort();
+                let (held, target) = &mut load[0];
+                *held += 1;
+                self.drains
+                    .queued
+                    .entry(target.clone())
+                    .or_default()
+                    .push(Migration {
+                        task: *task,
+                        source: executor.to_string(),
+                        source_address: address.clone(),
+                        blocks: info.blocks_per_task,
+                        fingerprint: info.fingerprint,
+                    });
+                self.drains
+                    .in_flight
+                    .insert(*task, (executor.to_string(), target.clone()));
+                pending.insert(*task);
+            }
+        }
+        tracing::warn!(
+            executor,
+            cause,
+            outputs = outputs.len(),
+            moving = pending.len(),
+            "executor given notice: draining"
+        );
+        self.outbox.push(Progress::ExecutorDraining {
+            executor: executor.to_string(),
+            outputs: pending.len(),
+        });
+        self.drains.draining.insert(
+            executor.to_string(),
+            Drain {
+                started: now,
+                pending,
+            },
+        );
+        self.changed = true;
+        true
+    }
+
+    /// A copy of `task`'s output from `source` arrived on `target` (`ok`) or failed.
+    /// Returns whether the copy is now where the output lives.
+    pub fn migrated(&mut self, target: &str, task: TaskId, source: &str, ok: bool) -> bool {
+        if self.drains.in_flight.get(&task) != Some(&(source.to_string(), target.to_string())) {
+            return false;
+        }
+        self.drains.in_flight.remove(&task);
+        if let Some(d) = self.drains.draining.get_mut(source) {
+            d.pending.remove(&task);
+        }
+        self.changed = true;
+        let moved = ok && self.sched.move_output(task, source, target);
+        if moved {
+            self.drains.migrated += 1;
+        } else {
+            tracing::warn!(
+                stage = task.stage,
+                partition = task.partition,
+                source,
+                target,
+                ok,
+                "output copy not used; it is recomputed if still needed"
+            );
+        }
+        moved
+    }
+
+    /// Copies queued for `executor`, handed over with its poll.
+    pub(super) fn take_migrations(&mut self, executor: &str) -> Vec<Migration> {
+        self.drains.queued.remove(executor).unwrap_or_default()
+    }
+
+    /// For a poll of a draining executor: `Some(true)` when it may leave (every copy
+    /// arrived or failed, or the deadline passed), `Some(false)` while copies are under
+    /// way, `None` when it is not draining.
+    pub(super) fn drain_done(&self, executor: &str, now: Instant) -> Option<bool> {
+        let d = self.drains.draining.get(executor)?;
+        Some(d.pending.is_empty() || now.duration_since(d.started) > DRAIN_DEADLINE)
+    }
+
+    /// The executor leaves after its drain: lost as `Drained`, counted nowhere; outputs
+    /// that did not move are recomputed.
+    pub(super) fn finish_drain(&mut self, executor: &str, now: Instant) {
+        self.lose(executor, LossReason::Drained, Some(now), now);
+    }
+
+    /// Forgets the copies from or to an executor that is gone: those to it failed, those
+    /// from it can no longer arrive.
+    pub(super) fn drop_drains_of(&mut self, executor: &str) {
+        self.drains.draining.remove(executor);
+        self.drains.queued.remove(executor);
+        for q in self.drains.queued.values_mut() {
+            q.retain(|m| m.source != executor);
+        }
+        let gone: Vec<(TaskId, ExecutorId)> = self
+            .drains
+            .in_flight
+            .iter()
+            .filter(|(_, (s, t))| s == executor || t == executor)
+            .map(|(task, (s, _))| (*task, s.clone()))
+            .collect();
+        for (task, source) in gone {
+            self.drains.in_flight.remove(&task);
+            if let Some(d) = self.drains.draining.get_mut(&source) {
+                d.pending.remove(&task);
+            }
+        }
+    }
+
+    /// Executors being drained.
+    pub fn draining(&self) -> impl Iterator<Item = &ExecutorId> {
+        self.drains.draining.keys()
+    }
+
+    /// Outputs moved off drained executors instead of recomputed.
+    pub fn partitions_migrated(&self) -> u64 {
+        self.drains.migrated
+    }
+}

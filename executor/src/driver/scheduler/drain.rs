@@ -1,0 +1,93 @@
+//! Decommissioning: an executor given notice (SIGTERM, an eviction, a disruption taint on
+//! its node) takes no more tasks, its running tasks go back to pending without counting as
+//! failures, and the outputs only it holds that are still needed are listed, most urgent
+//! first, for the driver to have other executors copy. Each copy that arrives moves the
+//! output's location; what does not arrive before the executor leaves is recomputed from
+//! lineage like any lost output.
+use super::{Scheduler, StageStatus, TaskId, TaskState};
+
+impl Scheduler {
+    /// Gives `executor` notice. Returns `None` for an executor that is not live; else the
+    /// outputs still needed that live only there, most urgent first: those a runnable stage
+    /// reads now, then those of stages still waiting for other inputs, then results and
+    /// cached datasets kept for later.
+    pub fn decommission(&mut self, executor: &str) -> Option<Vec<TaskId>> {
+        let info = self.executors.get_mut(executor)?;
+        info.draining = true;
+        for task in std::mem::take(&mut info.running) {
+            if let Some(s) = self.stages.get_mut(&task.stage) {
+                s.tasks[task.partition as usize] = TaskState::Pending;
+            }
+        }
+        Some(self.outputs_only_on(executor))
+    }
+
+    /// Whether `executor` was given notice.
+    pub fn is_draining(&self, executor: &str) -> bool {
+        self.executors.get(executor).is_some_and(|e| e.draining)
+    }
+
+    /// The block-service address of a live executor.
+    pub fn address(&self, executor: &str) -> Option<&str> {
+        self.executors.get(executor).map(|e| e.address.as_str())
+    }
+
+    /// The outputs still needed that live on `executor`, most urgent first.
+    pub fn outputs_only_on(&self, executor: &str) -> Vec<TaskId> {
+        let mut out: Vec<(u8, TaskId)> = Vec::new();
+        for (sid, s) in &self.stages {
+            if s.durable || s.released || !self.needed(*sid) {
+                continue;
+            }
+            let consumers = self.stages.values().filter(|c| {
+                !c.released && c.inputs.contains(sid) && c.status != StageStatus::Succeeded
+            });
+            let urgency = consumers
+                .map(|c| match c.status {
+                    StageStatus::Resolved | StageStatus::Running => 0,
+                    _ => 1,
+                })
+                .min()
+                .unwrap_or(2);
+            for (p, t) in s.tasks.iter().enumerate() {
+                if matches!(t, TaskState::Done { executor: e } if e == executor) {
+                    let task = TaskId {
+                        stage: *sid,
+                        partition: p as u32,
+                    };
+                    out.push((urgency, task));
+                }
+            }
+        }
+        out.sort();
+        out.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// A copy of `task`'s output arrived on `to` from `from`: it lives on `to` now. Stages
+    /// reading it are re-resolved (their plans name the new location). Returns false when
+    /// the output no longer lives on `from` (recomputed or released meanwhile) or `to` is
+    /// not live: the copy is not used.
+    pub fn move_output(&mut self, task: TaskId, from: &str, to: &str) -> bool {
+        if !self.executors.contains_key(to) {
+            return false;
+        }
+        let Some(s) = self.stages.get_mut(&task.stage) else {
+            return false;
+        };
+        let Some(t) = s.tasks.get_mut(task.partition as usize) else {
+            return false;
+        };
+        if s.released || !matches!(t, TaskState::Done { executor } if executor == from) {
+            return false;
+        }
+        *t = TaskState::Done {
+            executor: to.to_string(),
+        };
+        for c in self.stages.values_mut() {
+            if c.inputs.contains(&task.stage) && c.status != StageStatus::Succeeded {
+                c.epoch += 1;
+            }
+        }
+        true
+    }
+}
