@@ -32,6 +32,9 @@ pub const CONDITION_DEGRADED: &str = "Degraded";
 pub const CONDITION_SUCCEEDED: &str = "Succeeded";
 /// Condition: the job failed; its reason names the problem.
 pub const CONDITION_FAILED: &str = "Failed";
+/// Condition: executors run on on-demand nodes because spot capacity was gone
+/// (`executors.spotFallback`); false again once every executor runs on spot.
+pub const CONDITION_SPOT_FALLBACK: &str = "SpotFallback";
 
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -159,6 +162,18 @@ pub struct ExecutorsStatus {
     /// fails as crash-looping when it reaches the operator's limit.
     #[serde(default)]
     pub consecutive_crashes: u32,
+    /// Executor pods given notice (evicted, deleted, on a node with a disruption taint) that
+    /// are moving the blocks only they hold to other executors before they go. Each already
+    /// has its replacement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<String>,
+    /// Executor pods that waited on spot capacity longer than
+    /// `executors.spotFallback.afterSeconds` and were recreated on on-demand nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_demand: Vec<String>,
+    /// Spot fallbacks so far.
+    #[serde(default)]
+    pub spot_fallbacks: u32,
     /// The executor pods the operator tracks for the job; a replacement driver takes over those
     /// still running.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -118,22 +118,25 @@ fn ensure_data(kiln: &Path, scale: f64, data: &Path) -> Result<()> {
 
 fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Box<dyn Peer>> {
     Ok(match name {
-        "kiln" | "kiln-kill" | "kiln-rerun" | "kiln-driver-kill" => Box::new(KilnPeer::new(
-            kiln,
-            data,
-            args.executors,
-            args.shuffle_partitions,
-            &args.kill_at,
-            match name {
-                "kiln-kill" => Failure::Kill,
-                "kiln-rerun" => Failure::Rerun,
-                "kiln-driver-kill" => Failure::DriverKill,
-                _ => Failure::None,
-            },
-        )),
+        "kiln" | "kiln-kill" | "kiln-rerun" | "kiln-driver-kill" | "kiln-drain" => {
+            Box::new(KilnPeer::new(
+                kiln,
+                data,
+                args.executors,
+                args.shuffle_partitions,
+                &args.kill_at,
+                match name {
+                    "kiln-kill" => Failure::Kill,
+                    "kiln-rerun" => Failure::Rerun,
+                    "kiln-driver-kill" => Failure::DriverKill,
+                    "kiln-drain" => Failure::Drain,
+                    _ => Failure::None,
+                },
+            ))
+        }
         "datafusion" => Box::new(DataFusionPeer::new(data)?),
         other => bail!(
-            "unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, kiln-driver-kill, datafusion)"
+            "unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, kiln-driver-kill, kiln-drain, datafusion)"
         ),
     })
 }

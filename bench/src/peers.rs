@@ -56,6 +56,10 @@ pub enum Failure {
     /// The driver is killed once half of the first shuffle stage is done; a replacement
     /// takes the executors and their outputs over.
     DriverKill,
+    /// The busiest executor is given notice (SIGTERM, as an eviction or a node drain sends)
+    /// at the chosen point: its outputs move to the others; the job allows no executor
+    /// loss at all, so a drain that counted against the budget would fail it.
+    Drain,
 }
 
 /// Kiln through its CLI: `kiln run job.yaml --executors N`, one process per query, writing
@@ -72,6 +76,7 @@ pub struct KilnPeer {
     /// killed at the chosen point) and of [`Failure::DriverKill`].
     kill: String,
     driver_kill: String,
+    drain: String,
 }
 
 impl KilnPeer {
@@ -95,6 +100,7 @@ impl KilnPeer {
             failure,
             kill: format!("{kill_at},executor=busiest"),
             driver_kill: format!("driver,{kill_at}"),
+            drain: format!("{kill_at},executor=busiest,drain"),
         }
     }
 
@@ -160,6 +166,7 @@ impl Peer for KilnPeer {
             Failure::Kill => "kiln-kill",
             Failure::Rerun => "kiln-rerun",
             Failure::DriverKill => "kiln-driver-kill",
+            Failure::Drain => "kiln-drain",
         }
     }
 
@@ -172,6 +179,7 @@ impl Peer for KilnPeer {
             Failure::None => self.run_once(query, &dir, 20, None)?,
             Failure::Kill => self.run_once(query, &dir, 20, Some(&self.kill))?,
             Failure::DriverKill => self.run_once(query, &dir, 20, Some(&self.driver_kill))?,
+            Failure::Drain => self.run_once(query, &dir, 0, Some(&self.drain))?,
             Failure::Rerun => {
                 let (first, _) = self.run_once(query, &dir, 0, Some(&self.kill))?;
                 if first.status.success() {

@@ -42,7 +42,8 @@ pub struct RunArgs {
     /// `executor=busiest` takes the one holding the most outputs still needed) and
     /// `pause=3s` to SIGSTOP it for that long instead of killing it, or `drain` to give it
     /// notice (SIGTERM) as an eviction would: it drains, its outputs moving to the other
-    /// executors. `iteration=5` fires as iteration 5 of an iterative step starts.
+    /// executors. A kill is a reclaim and spends no `maxExecutorLosses`; add `crash` to
+    /// count it as the executor's own failure. `iteration=5` fires as iteration 5 of an iterative step starts.
     #[arg(long, value_name = "EVENT")]
     chaos: Vec<kiln_executor::local::ChaosEvent>,
     /// Seed for chaos's random choices (default: a fresh one, printed so a run can be

@@ -231,7 +231,11 @@ fn kills_within_the_loss_budget_keep_the_job_correct_and_one_more_fails_it() {
         3,
         "q9 has three stages of several tasks: {base_summary}"
     );
-    let events: Vec<String> = stages.iter().map(|s| format!("stage={s},at=50%")).collect();
+    // Crashes (the executor's own fault) count against the budget; reclaims would not.
+    let events: Vec<String> = stages
+        .iter()
+        .map(|s| format!("stage={s},at=50%,crash"))
+        .collect();
 
     // Two kills, the budget: correct output, two losses, each replaced.
     let args = [

@@ -54,6 +54,11 @@ pub struct OperatorConfig {
     /// Longest wait before replacing an executor after crashes in a row (the wait doubles
     /// with each crash).
     pub max_replacement_backoff_seconds: u64,
+    /// Node taint keys that give notice a node is going (a spot reclaim, a scale-down, a
+    /// consolidation): executors on such a node are decommissioned at once, their blocks
+    /// move to other executors and their replacements start. The default covers Karpenter,
+    /// the cluster autoscaler, GKE and the AWS node termination handler.
+    pub disruption_taints: Vec<String>,
 }
 
 impl Default for OperatorConfig {
@@ -85,6 +90,16 @@ impl Default for OperatorConfig {
             image_pull_grace_seconds: 60,
             progress_interval_seconds: 3,
             max_replacement_backoff_seconds: 30,
+            disruption_taints: [
+                "karpenter.sh/disrupted",
+                "karpenter.sh/disruption",
+                "ToBeDeletedByClusterAutoscaler",
+                "cloud.google.com/impending-node-termination",
+                "aws-node-termination-handler/spot-itn",
+                "aws-node-termination-handler/scheduled-maintenance",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use kiln_api::launch::DRIVER_PORT;
 use kiln_api::rpc::driver_client::DriverClient;
-use kiln_api::rpc::{ExecutorLostRequest, JobStatusRequest, JobStatusResponse};
+use kiln_api::rpc::{
+    DecommissionRequest, ExecutorLostRequest, JobStatusRequest, JobStatusResponse,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::podstate::LossReason;
@@ -63,6 +65,16 @@ pub trait DriverApi: Send + Sync {
         driver_ip: &str,
         token: &str,
     ) -> Result<JobStatusResponse, DriverCallError>;
+
+    /// Gives the driver notice that `executor` is going (`cause` says why); returns whether
+    /// the driver knew it (and drains it).
+    async fn decommission(
+        &self,
+        driver_ip: &str,
+        executor: &str,
+        cause: &str,
+        token: &str,
+    ) -> Result<bool, DriverCallError>;
 }
 
 /// The real driver client: one lazily connected channel per driver address.
@@ -131,5 +143,24 @@ impl DriverApi for GrpcDriver {
             .await
             .map_err(call_failed("JobStatus", driver_ip))?;
         Ok(response.into_inner())
+    }
+
+    async fn decommission(
+        &self,
+        driver_ip: &str,
+        executor: &str,
+        cause: &str,
+        token: &str,
+    ) -> Result<bool, DriverCallError> {
+        let response = self
+            .client(driver_ip)?
+            .decommission(DecommissionRequest {
+                executor_id: executor.to_string(),
+                cause: cause.to_string(),
+                token: token.to_string(),
+            })
+            .await
+            .map_err(call_failed("Decommission", driver_ip))?;
+        Ok(response.into_inner().known)
     }
 }

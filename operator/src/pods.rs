@@ -245,7 +245,13 @@ struct Role<'a> {
     volumes: Vec<Volume>,
     mounts: Vec<VolumeMount>,
     ports: Vec<ContainerPort>,
+    grace_seconds: i64,
 }
+
+/// An executor's grace period: time, after its notice (SIGTERM), to move the blocks only it
+/// holds to other executors; a reclaim's own notice (two minutes on AWS, 30 s on GCP)
+/// bounds what it really gets.
+pub const EXECUTOR_GRACE_SECONDS: i64 = 60;
 
 fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
     let t = role.template;
@@ -329,7 +335,7 @@ fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
             automount_service_account_token: Some(t.service_account_name.is_some()),
             service_account_name: t.service_account_name.clone(),
             enable_service_links: Some(false),
-            termination_grace_period_seconds: Some(10),
+            termination_grace_period_seconds: Some(role.grace_seconds),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(RUN_AS_USER),
@@ -422,6 +428,7 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>
                 protocol: Some("TCP".into()),
                 ..Default::default()
             }],
+            grace_seconds: 10,
         },
     )
 }
@@ -479,6 +486,7 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
                 protocol: Some("TCP".into()),
                 ..Default::default()
             }],
+            grace_seconds: EXECUTOR_GRACE_SECONDS,
         },
     )
 }

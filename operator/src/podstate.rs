@@ -158,3 +158,54 @@ pub fn nodes_to_check(pods: &[Pod]) -> BTreeSet<String> {
         .filter_map(|p| node(p).map(str::to_string))
         .collect()
 }
+
+/// The scheduler found no node for the pod: since when, and its message.
+pub fn unschedulable(pod: &Pod) -> Option<(Timestamp, String)> {
+    if node(pod).is_some() {
+        return None;
+    }
+    let c = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+    if c.reason.as_deref() != Some("Unschedulable") {
+        return None;
+    }
+    let since = c
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0)
+        .or_else(|| pod.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
+    Some((since, c.message.clone().unwrap_or_default()))
+}
+
+/// Whether the kernel killed the pod's container for exceeding its memory limit.
+pub fn oom_killed(pod: &Pod) -> bool {
+    terminated(pod).is_some_and(|t| t.reason.as_deref() == Some("OOMKilled"))
+}
+
+/// The first container's requests: CPU in millicores and memory in bytes (0 when unset or
+/// unreadable).
+pub fn requests(pod: &Pod) -> (u64, u64) {
+    let Some(r) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.resources.as_ref())
+        .and_then(|r| r.requests.as_ref())
+    else {
+        return (0, 0);
+    };
+    let cpu = r
+        .get("cpu")
+        .and_then(|q| kiln_api::parse_cpu(&q.0).ok())
+        .unwrap_or(0);
+    let memory = r
+        .get("memory")
+        .and_then(|q| kiln_api::parse_memory(&q.0).ok())
+        .unwrap_or(0);
+    (cpu, memory)
+}

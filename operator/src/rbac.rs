@@ -31,11 +31,11 @@ pub const RULES: &[Rule] = &[
         resources: &["pods", "services", "configmaps", "secrets"],
         verbs: &["get", "list", "watch", "create", "patch", "delete"],
     },
-    // Whether a pod's node is lost.
+    // Whether a pod's node is lost; nodes' disruption taints and allocatable resources.
     Rule {
         api_groups: &[""],
         resources: &["nodes"],
-        verbs: &["get"],
+        verbs: &["get", "list", "watch"],
     },
     Rule {
         api_groups: &["events.k8s.io"],

@@ -1,7 +1,7 @@
 //! The reconcile loop's I/O edges: read the job, its pods and nodes; ask the driver for its
 //! progress; let [`Planner`] decide; apply, delete and tell the driver; write the status;
 //! record events and metrics.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use kiln_api::crd::{LABEL_JOB, ROLE_DRIVER};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -21,8 +22,12 @@ use crate::config::OperatorConfig;
 use crate::driver::DriverApi;
 use crate::metrics::Metrics;
 use crate::podstate;
-use crate::state::{Action, Child, Observed, Plan, Planner};
+use crate::state::{Action, Child, NodeCapacity, Observed, Plan, Planner};
 use crate::{Error, Result};
+
+/// The field manager of the annotations that mark executors holding data nobody else has
+/// (apart from the pods' own, so that dropping one removes it).
+const HOLDING_FIELD_MANAGER: &str = "kiln-operator-holding";
 
 /// Everything a reconcile needs.
 pub struct Context {
@@ -40,6 +45,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// The current time (a parameter so tests control it).
     pub clock: fn() -> Timestamp,
+    /// The cluster's nodes as a watch keeps them (None in tests without one): their
+    /// disruption taints and allocatable resources.
+    pub nodes: Option<Store<Node>>,
     tokens: Mutex<HashMap<String, String>>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -67,6 +75,7 @@ impl Context {
             metrics,
             recorder,
             clock: now_seconds,
+            nodes: None,
             tokens: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
         }
@@ -179,6 +188,56 @@ async fn lost_nodes(client: &Client, pods: &[Pod]) -> Result<BTreeSet<String>> {
     Ok(lost)
 }
 
+/// Nodes of the job's live executor pods that carry one of the configured disruption
+/// taints, with the taint's key.
+fn noticed_nodes(ctx: &Context, pods: &[Pod]) -> BTreeMap<String, String> {
+    let Some(store) = &ctx.nodes else {
+        return BTreeMap::new();
+    };
+    pods.iter()
+        .filter(|p| !podstate::is_terminal(p))
+        .filter_map(podstate::node)
+        .filter_map(|name| {
+            let node = store.get(&ObjectRef::new(name))?;
+            let taint = node
+                .spec
+                .as_ref()?
+                .taints
+                .as_ref()?
+                .iter()
+                .find(|t| ctx.config.disruption_taints.contains(&t.key))?
+                .key
+                .clone();
+            Some((name.to_string(), taint))
+        })
+        .collect()
+}
+
+/// Every node's allocatable resources, when a pod of the job is unschedulable and the nodes
+/// are known.
+fn node_capacity(ctx: &Context, pods: &[Pod]) -> Option<Vec<NodeCapacity>> {
+    let store = ctx.nodes.as_ref()?;
+    if !pods.iter().any(|p| podstate::unschedulable(p).is_some()) {
+        return None;
+    }
+    let nodes: Vec<NodeCapacity> = store
+        .state()
+        .iter()
+        .filter_map(|n| {
+            let allocatable = n.status.as_ref()?.allocatable.as_ref()?;
+            let read = |key: &str, parse: fn(&str) -> kiln_api::Result<u64>| {
+                allocatable.get(key).and_then(|q| parse(&q.0).ok())
+            };
+            Some(NodeCapacity {
+                name: n.name_any(),
+                cpu_millis: read("cpu", kiln_api::parse_cpu)?,
+                memory_bytes: read("memory", kiln_api::parse_memory)?,
+            })
+        })
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
 /// Reconciles one ComputeJob.
 pub async fn reconcile(job: Arc<ComputeJob>, ctx: Arc<Context>) -> Result<Requeue> {
     let started = Instant::now();
@@ -251,6 +310,12 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
         },
         _ => None,
     };
+    let noticed = noticed_nodes(ctx, &listed);
+    let capacity = if finished {
+        None
+    } else {
+        node_capacity(ctx, &listed)
+    };
     let plan = Planner {
         config: &ctx.config,
         default_image: &ctx.default_image,
@@ -259,6 +324,8 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
         job: &job,
         pods: &listed,
         lost_nodes: &lost_nodes,
+        noticed_nodes: &noticed,
+        node_capacity: capacity.as_deref(),
         progress: progress.as_ref(),
         token: &token,
         now: (ctx.clock)(),
@@ -382,6 +449,48 @@ async fn carry_out(
                 {
                     ctx.metrics.error("DriverRpc");
                     tracing::warn!(job = %key, executor, error = %e, "cannot tell the driver");
+                }
+            }
+            Action::Decommission {
+                executor,
+                cause,
+                driver_ip,
+            } => {
+                // The executor's own SIGTERM, or the loss once it goes, covers a failed call.
+                if let Err(e) = ctx
+                    .driver
+                    .decommission(driver_ip, executor, cause, token)
+                    .await
+                {
+                    ctx.metrics.error("DriverRpc");
+                    tracing::warn!(job = %key, executor, error = %e, "cannot give the driver notice");
+                }
+            }
+            Action::Annotate { pod, annotations } => {
+                let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+                let patch = serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": pod, "annotations": annotations},
+                });
+                match pods
+                    .patch(
+                        pod,
+                        &PatchParams::apply(HOLDING_FIELD_MANAGER).force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => {
+                        return Err(Error::Apply {
+                            kind: "Pod",
+                            namespace: ns.into(),
+                            name: pod.clone(),
+                            source,
+                        });
+                    }
                 }
             }
             Action::DeleteJob => {

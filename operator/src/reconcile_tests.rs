@@ -60,6 +60,19 @@ impl DriverApi for FakeDriver {
             ..Default::default()
         })
     }
+
+    async fn decommission(
+        &self,
+        driver_ip: &str,
+        executor: &str,
+        cause: &str,
+        token: &str,
+    ) -> Result<bool, DriverCallError> {
+        self.calls.lock().unwrap().push(format!(
+            "Decommission {driver_ip} {executor} {cause} {token}"
+        ));
+        Ok(true)
+    }
 }
 
 struct ApiServer(Handle<Request<Body>, Response<Body>>);
@@ -393,7 +406,7 @@ async fn an_executor_on_a_lost_node_is_reported_and_replaced() {
             assert_eq!(pod["metadata"]["labels"]["kiln.dev/role"], "executor");
             let status = s.status(&script_job).await;
             assert_eq!(status.executors.lost, 1);
-            assert_eq!(status.executors.lost_by_reason["Preempted"], 1);
+            assert_eq!(status.executors.lost_by_reason["NodeLost"], 1);
             assert_eq!(status.executors.pods, ["wc-exec-0", "wc-exec-2"]);
             assert_eq!(status.recovery.last_loss.as_deref(), Some("wc-exec-1"));
             assert_eq!(status.recovery.partitions_recomputed, 1);
@@ -408,7 +421,7 @@ async fn an_executor_on_a_lost_node_is_reported_and_replaced() {
         calls,
         [
             "JobStatus 10.244.3.2 tok",
-            "ExecutorLost 10.244.3.2 wc-exec-1 Preempted tok"
+            "ExecutorLost 10.244.3.2 wc-exec-1 NodeLost tok"
         ]
     );
 }

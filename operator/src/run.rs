@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use kiln_api::ComputeJob;
 use kiln_api::crd::LABEL_JOB;
 use kube::api::ListParams;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client, ResourceExt};
 
 use crate::config::OperatorConfig;
 use crate::driver::GrpcDriver;
@@ -125,13 +125,33 @@ pub async fn run(
         }
     }
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         settings.config.clone(),
         settings.default_image.clone(),
         Arc::new(GrpcDriver::default()),
         metrics,
-    ));
+    );
+    // The nodes' taints (reclaim notices) and allocatable resources, kept by a watch: read
+    // by every reconcile without a request.
+    let (nodes, writer) = reflector::store::<Node>();
+    ctx.nodes = Some(nodes);
+    let ctx = Arc::new(ctx);
+    let node_watch = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|node: &mut Node| {
+            node.managed_fields_mut().clear();
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
+            }
+        })
+        .reflect(writer)
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::debug!(error = %e, "node watch");
+            }
+        });
+    let node_watch = tokio::spawn(node_watch);
     let namespaces: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -152,6 +172,7 @@ pub async fn run(
             Ok(())
         }
     };
+    node_watch.abort();
     if let Some(lock) = &lock
         && outcome.is_ok()
     {

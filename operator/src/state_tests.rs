@@ -1,8 +1,8 @@
 //! The planner fed synthetic jobs and pods: each test is one step of a job's life.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
-use kiln_api::crd::{CONDITION_DEGRADED, CONDITION_FAILED, CONDITION_SUCCEEDED};
+use kiln_api::crd::{CONDITION_FAILED, CONDITION_SUCCEEDED};
 use kiln_api::rpc::JobStatusResponse;
 use kiln_api::{ComputeJob, DriverReport, FailureReason, JobPhase};
 
@@ -12,11 +12,14 @@ use crate::state::{Action, Child, Plan, Planner};
 use crate::testing::*;
 
 mod driver_loss;
+mod spot;
 
 struct World {
     job: ComputeJob,
     pods: Vec<Pod>,
     lost_nodes: BTreeSet<String>,
+    noticed_nodes: BTreeMap<String, String>,
+    node_capacity: Option<Vec<crate::state::NodeCapacity>>,
     progress: Option<JobStatusResponse>,
     config: OperatorConfig,
 }
@@ -27,6 +30,8 @@ impl World {
             job: job("wc"),
             pods: Vec::new(),
             lost_nodes: BTreeSet::new(),
+            noticed_nodes: BTreeMap::new(),
+            node_capacity: None,
             progress: None,
             config: OperatorConfig::default(),
         }
@@ -42,6 +47,8 @@ impl World {
             job: &self.job,
             pods: &self.pods,
             lost_nodes: &self.lost_nodes,
+            noticed_nodes: &self.noticed_nodes,
+            node_capacity: self.node_capacity.as_deref(),
             progress: self.progress.as_ref(),
             token: "tok",
             now: at(now),
@@ -176,7 +183,7 @@ fn executors_start_once_the_driver_has_an_address() {
 }
 
 #[test]
-fn an_evicted_executor_is_reported_and_replaced_under_a_new_name() {
+fn an_evicted_executor_drains_while_its_replacement_starts() {
     let mut w = World::running();
     let before = w.job.status.clone().unwrap();
     let ready_since = before
@@ -186,49 +193,68 @@ fn an_evicted_executor_is_reported_and_replaced_under_a_new_name() {
         .clone();
     w.set("wc-exec-1", |p| evicted(p, 30));
     let plan = w.step(30);
-    assert!(plan.actions.contains(&Action::ExecutorLost {
+    // Notice, not a loss: the driver moves its blocks while it still runs.
+    assert!(plan.losses.is_empty());
+    assert!(plan.actions.contains(&Action::Decommission {
         executor: "wc-exec-1".into(),
-        reason: LossReason::Preempted,
+        cause: "DisruptionTarget".into(),
         driver_ip: "10.244.3.2".into(),
-        occurred_unix_ms: at(30).as_millisecond() as u64,
     }));
-    // Already being deleted: no second delete.
     assert!(
         !plan
             .actions
             .iter()
-            .any(|a| matches!(a, Action::DeletePod { .. }))
+            .any(|a| matches!(a, Action::DeletePod { .. } | Action::ExecutorLost { .. }))
     );
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
-    assert_eq!(plan.replacements, 1);
     let s = &plan.status;
-    assert_eq!(
-        (s.executors.lost, s.executors.lost_by_reason["Preempted"]),
-        (1, 1)
-    );
-    assert_eq!(s.executors.pods, ["wc-exec-0", "wc-exec-2"]);
-    assert_eq!(s.recovery.last_loss.as_deref(), Some("wc-exec-1"));
-    assert!(s.is_true(CONDITION_DEGRADED));
+    assert_eq!(s.executors.lost, 0);
+    assert_eq!(s.executors.draining, ["wc-exec-1"]);
+    assert_eq!(s.executors.pods, ["wc-exec-0", "wc-exec-2", "wc-exec-1"]);
     assert_ne!(
         s.condition("Ready").unwrap().last_transition_time,
         ready_since
     );
-    assert_eq!(reasons(&plan), ["ExecutorLost"]);
-    // The next look finds the loss handled: nothing is reported twice.
+    assert_eq!(reasons(&plan), ["ExecutorDraining"]);
+    // While it drains: no second replacement, no second event.
     w.apply(&plan, 30);
     let again = w.step(31);
     assert!(again.losses.is_empty());
     assert!(applied_pods(&again).is_empty());
-    assert_eq!(again.status.executors.lost, 1);
+    assert!(reasons(&again).is_empty());
+    // Its blocks moved, it left: a Drained loss, which costs no budget.
+    w.progress = Some(JobStatusResponse {
+        lost_executors: vec![kiln_api::rpc::LostExecutor {
+            executor_id: "wc-exec-1".into(),
+            reason: "Drained".into(),
+        }],
+        ..Default::default()
+    });
+    w.pods
+        .retain(|p| p.metadata.name.as_deref() != Some("wc-exec-1"));
+    let gone = w.step(40);
+    assert_eq!(
+        gone.losses,
+        [("wc-exec-1".to_string(), LossReason::Drained)]
+    );
+    assert!(applied_pods(&gone).is_empty());
+    let s = &gone.status;
+    assert_eq!(
+        (s.executors.lost, s.executors.lost_by_reason["Drained"]),
+        (1, 1)
+    );
+    assert!(s.executors.draining.is_empty());
+    assert_eq!(s.executors.pods, ["wc-exec-0", "wc-exec-2"]);
+    assert_eq!(s.recovery.last_loss.as_deref(), Some("wc-exec-1"));
 }
 
 #[test]
-fn an_executor_on_a_lost_node_is_preempted_and_force_deleted() {
+fn an_executor_on_a_lost_node_is_node_lost_and_force_deleted() {
     let mut w = World::running();
     w.lost_nodes.insert("kiln-spot-1".into());
     let plan = w.step(40);
     assert_eq!(plan.losses.len(), 2);
-    assert!(plan.losses.iter().all(|(_, r)| *r == LossReason::Preempted));
+    assert!(plan.losses.iter().all(|(_, r)| *r == LossReason::NodeLost));
     assert!(plan.actions.contains(&Action::DeletePod {
         name: "wc-exec-0".into(),
         force: true
@@ -284,13 +310,18 @@ fn an_executor_the_driver_gave_up_on_is_replaced_before_the_control_plane_notice
 }
 
 #[test]
-fn a_deleted_executor_pod_counts_as_failed() {
+fn a_vanished_executor_pod_is_replaced_and_costs_no_budget() {
     let mut w = World::running();
+    w.job.spec.failure_policy.max_executor_losses = 0;
     w.pods
         .retain(|p| p.metadata.name.as_deref() != Some("wc-exec-0"));
     let plan = w.step(20);
-    assert_eq!(plan.losses, [("wc-exec-0".to_string(), LossReason::Failed)]);
+    assert_eq!(
+        plan.losses,
+        [("wc-exec-0".to_string(), LossReason::Preempted)]
+    );
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
+    assert_eq!(plan.status.phase, JobPhase::Running);
 }
 
 #[test]
@@ -542,9 +573,9 @@ fn pods_created_before_a_lost_status_write_are_adopted_not_duplicated() {
 fn too_many_losses_exhaust_the_budget() {
     let mut w = World::running();
     w.job.spec.failure_policy.max_executor_losses = 1;
-    w.set("wc-exec-0", |p| evicted(p, 10));
-    w.set("wc-exec-1", |p| evicted(p, 10));
-    let plan = w.step(10);
+    w.set("wc-exec-0", |p| exited(p, 1, None, 1, 100));
+    w.set("wc-exec-1", |p| exited(p, 137, None, 1, 100));
+    let plan = w.step(100);
     assert_eq!(plan.status.phase, JobPhase::Failed);
     let c = plan.status.condition(CONDITION_FAILED).unwrap();
     assert_eq!(c.reason, FailureReason::ExecutorLossesExceeded.as_str());
@@ -552,7 +583,7 @@ fn too_many_losses_exhaust_the_budget() {
         reasons(&plan).last(),
         Some(&FailureReason::ExecutorLossesExceeded.as_str())
     );
-    assert!(c.message.contains("maxExecutorLosses (1)"));
+    assert!(c.message.contains("maxExecutorLosses (1)"), "{}", c.message);
 }
 
 #[test]

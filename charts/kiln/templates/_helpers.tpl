@@ -108,11 +108,11 @@ On the namespaced objects of the namespaces it watches:
   verbs: ["create", "patch"]
 {{- end }}
 
-{{/* On cluster-scoped objects: whether a pod's node is lost. */}}
+{{/* On cluster-scoped objects: whether a pod's node is lost, its disruption taints, what nodes hold. */}}
 {{- define "kiln.rbac.clusterRules" -}}
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["get"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/* Leader election, in the release namespace: only the operator's own Lease. */}}

@@ -3,9 +3,10 @@
 //! leave. The scheduler says which outputs live only on the executor and moves their
 //! locations; this part pairs them with targets and keeps the bookkeeping.
 //!
-//! An executor leaves once every copy arrived or failed, or `DRAIN_DEADLINE` after its
-//! notice (its grace period ends anyway); it is then lost with reason `Drained`, which
-//! counts against no budget, and what did not move is recomputed from lineage.
+//! An executor leaves once every copy arrived or failed and the tasks that were reading its
+//! outputs then (their plans name it) have finished, or `DRAIN_DEADLINE` after its notice
+//! (its grace period ends anyway); it is then lost with reason `Drained`, which counts
+//! against no budget, and what did not move is recomputed from lineage.
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,11 @@ pub(super) struct Drain {
     started: Instant,
     /// Copies handed out or queued and not yet reported.
     pending: BTreeSet<TaskId>,
+    /// Stages whose outputs it held.
+    stages: BTreeSet<u32>,
+    /// Once every copy is in: the attempts then reading those stages, which may still
+    /// fetch from it.
+    readers: Option<Vec<(TaskId, u32)>>,
 }
 
 /// What the core keeps of drains.
@@ -114,6 +120,8 @@ impl DriverCore {
             Drain {
                 started: now,
                 pending,
+                stages: outputs.iter().map(|t| t.stage).collect(),
+                readers: None,
             },
         );
         self.changed = true;
@@ -153,11 +161,21 @@ impl DriverCore {
     }
 
     /// For a poll of a draining executor: `Some(true)` when it may leave (every copy
-    /// arrived or failed, or the deadline passed), `Some(false)` while copies are under
-    /// way, `None` when it is not draining.
-    pub(super) fn drain_done(&self, executor: &str, now: Instant) -> Option<bool> {
-        let d = self.drains.draining.get(executor)?;
-        Some(d.pending.is_empty() || now.duration_since(d.started) > DRAIN_DEADLINE)
+    /// arrived or failed and the tasks reading its outputs then finished, or the deadline
+    /// passed), `Some(false)` until then, `None` when it is not draining.
+    pub(super) fn drain_done(&mut self, executor: &str, now: Instant) -> Option<bool> {
+        let d = self.drains.draining.get_mut(executor)?;
+        if now.duration_since(d.started) > DRAIN_DEADLINE {
+            return Some(true);
+        }
+        if !d.pending.is_empty() {
+            return Some(false);
+        }
+        let readers = d
+            .readers
+            .get_or_insert_with(|| self.sched.running_readers(&d.stages));
+        readers.retain(|(task, attempt)| self.sched.is_running(*task, *attempt));
+        Some(readers.is_empty())
     }
 
     /// The executor leaves after its drain: lost as `Drained`, counted nowhere; outputs

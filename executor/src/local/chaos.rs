@@ -36,6 +36,9 @@ pub enum ChaosAction {
     /// SIGTERM: notice, as a pod being evicted or its node drained gets; the executor
     /// drains (its outputs move to others) and leaves.
     Drain,
+    /// SIGKILL taken for the executor's own crash, not a reclaim: it counts against
+    /// `maxExecutorLosses`.
+    Crash,
 }
 
 /// Which executor a chaos event hits.
@@ -86,6 +89,7 @@ impl fmt::Display for ChaosEvent {
         match self.action {
             ChaosAction::Pause(d) => write!(f, ",pause={}ms", d.as_millis())?,
             ChaosAction::Drain => write!(f, ",drain")?,
+            ChaosAction::Crash => write!(f, ",crash")?,
             ChaosAction::Kill => {}
         }
         Ok(())
@@ -130,8 +134,12 @@ impl std::str::FromStr for ChaosEvent {
                 target = ChaosTarget::Driver;
                 continue;
             }
-            if part == "drain" {
-                action = ChaosAction::Drain;
+            if part == "drain" || part == "crash" {
+                action = if part == "drain" {
+                    ChaosAction::Drain
+                } else {
+                    ChaosAction::Crash
+                };
                 continue;
             }
             let (key, value) = part
@@ -163,7 +171,7 @@ impl std::str::FromStr for ChaosEvent {
                     return Err(bad(
                         spec,
                         format!(
-                            "unknown key `{key}` (use driver, drain, stage, at, after-stage, iteration, executor, pause)"
+                            "unknown key `{key}` (use driver, drain, crash, stage, at, after-stage, iteration, executor, pause)"
                         ),
                     ));
                 }
@@ -172,7 +180,7 @@ impl std::str::FromStr for ChaosEvent {
         if target == ChaosTarget::Driver && action != ChaosAction::Kill {
             return Err(bad(
                 spec,
-                "the driver can only be killed, not paused or drained",
+                "the driver can only be killed, not paused, drained or crashed",
             ));
         }
         if let Some(n) = iteration {

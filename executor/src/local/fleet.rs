@@ -118,6 +118,8 @@ pub(crate) struct Fleet {
     settled: HashSet<String>,
     /// Executors chaos killed, and when: their loss is a preemption.
     killed: HashMap<String, Instant>,
+    /// Executors chaos crashed (SIGKILL counted as their own failure), and when.
+    crashed: HashMap<String, Instant>,
     /// Executors chaos gave notice (SIGTERM), and when: they drain and leave.
     drained: HashMap<String, Instant>,
     losses: u32,
@@ -144,6 +146,7 @@ impl Fleet {
             settled: HashSet::new(),
             killed: HashMap::new(),
             drained: HashMap::new(),
+            crashed: HashMap::new(),
             losses: 0,
             next_id: 0,
         }
@@ -246,6 +249,9 @@ impl Fleet {
         }
         let clean = matches!(&exit.status, Ok(s) if s.success());
         let (reason, occurred) = match (self.killed.get(&exit.id), self.drained.get(&exit.id)) {
+            _ if self.crashed.contains_key(&exit.id) => {
+                (LossReason::Failed, self.crashed[&exit.id])
+            }
             (Some(at), _) => (LossReason::Preempted, *at),
             (None, Some(at)) if clean => (LossReason::Drained, *at),
             (None, Some(at)) => (LossReason::Preempted, *at),
@@ -296,13 +302,26 @@ impl Fleet {
             let reason = LossReason::parse(reason).unwrap_or(LossReason::Failed);
             self.replace(&executor.clone(), reason, waiters, exits);
         }
+        if let Progress::ExecutorDraining { executor, .. } = event
+            && self.running.contains_key(executor)
+        {
+            // Going: its replacement starts now, while its outputs move (as the operator
+            // does for a pod given notice).
+            self.replace(&executor.clone(), LossReason::Drained, waiters, exits);
+        }
         if self.chaos.done() {
             return;
         }
         let (driver, running) = (&self.driver, &self.running);
+        let struck = |e: &String| {
+            self.killed.contains_key(e)
+                || self.crashed.contains_key(e)
+                || self.drained.contains_key(e)
+        };
+        // Not one chaos already struck: two events at once must hit two executors.
         let live = || {
             let mut held = driver.outputs_held();
-            held.retain(|e, _| running.contains_key(e));
+            held.retain(|e, _| running.contains_key(e) && !struck(e));
             held
         };
         for order in self.chaos.observe(event, live) {
@@ -324,9 +343,14 @@ impl Fleet {
             return;
         };
         match order.action {
-            ChaosAction::Kill => {
+            ChaosAction::Kill | ChaosAction::Crash => {
                 tracing::warn!(%executor, event = %order.event, "chaos: killing executor");
-                self.killed.insert(executor.clone(), Instant::now());
+                let record = if order.action == ChaosAction::Crash {
+                    &mut self.crashed
+                } else {
+                    &mut self.killed
+                };
+                record.insert(executor.clone(), Instant::now());
                 if let Some(kill) = running.kill.take() {
                     let _ = kill.send(());
                 }

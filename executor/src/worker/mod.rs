@@ -232,7 +232,7 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     // Blocks are kept with a budget known only from the job spec: the store starts once the
     // first driver answered, and the Flight service with it.
     let faults = Arc::new(Faults::parse(&opts.faults)?);
-    let draining = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(Notice::default());
     let notice = notice_on_sigterm(draining.clone())?;
     let holdings = Arc::new(Mutex::new(Holdings::default()));
     let mut driver = opts.driver.clone();
@@ -323,8 +323,31 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     result
 }
 
-/// Sets `draining` when the process gets SIGTERM (its pod is going, with a grace period).
-fn notice_on_sigterm(draining: Arc<AtomicBool>) -> Result<tokio::task::JoinHandle<()>> {
+/// Notice that this executor is going: set once, and waking whoever waits for it.
+#[derive(Default)]
+struct Notice {
+    given: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Notice {
+    fn is_given(&self) -> bool {
+        self.given.load(Ordering::SeqCst)
+    }
+
+    /// Waits for notice (at once if it was given already).
+    async fn given(&self) {
+        let woken = self.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if !self.is_given() {
+            woken.await;
+        }
+    }
+}
+
+/// Gives notice when the process gets SIGTERM (its pod is going, with a grace period).
+fn notice_on_sigterm(draining: Arc<Notice>) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|source| Error::Io {
         action: "listen for",
@@ -336,7 +359,8 @@ fn notice_on_sigterm(draining: Arc<AtomicBool>) -> Result<tokio::task::JoinHandl
             tracing::warn!(
                 "SIGTERM: draining (no more tasks; blocks only this executor holds move to others)"
             );
-            draining.store(true, Ordering::SeqCst);
+            draining.given.store(true, Ordering::SeqCst);
+            draining.wake.notify_waiters();
         }
     }))
 }
@@ -458,7 +482,7 @@ async fn work_loop(
     client: &mut DriverClient<Channel>,
     store: &Arc<BlockStore>,
     slots: usize,
-    draining: &AtomicBool,
+    draining: &Notice,
     attach: &mut mpsc::UnboundedReceiver<AttachRequest>,
 ) -> Result<SessionEnd> {
     let mut running: JoinSet<()> = JoinSet::new();
@@ -475,7 +499,7 @@ async fn work_loop(
     loop {
         while running.try_join_next().is_some() {}
         while copies.try_join_next().is_some() {}
-        let is_draining = draining.load(Ordering::SeqCst);
+        let is_draining = draining.is_given();
         if is_draining && !drained_tasks {
             // The driver resubmits them elsewhere; their reports would not count.
             running.shutdown().await;
@@ -508,8 +532,16 @@ async fn work_loop(
             },
             POLL_DEADLINE,
         ));
+        // Notice arriving during a long poll is said at once, in a new poll.
+        let poll = async {
+            tokio::select! {
+                p = poll => Some(p),
+                _ = draining.given(), if !is_draining => None,
+            }
+        };
         let polled = match or_attach(attach, poll).await {
-            Ok(p) => p,
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
             Err(req) => attached!(req),
         };
         let response = match polled {
@@ -591,7 +623,12 @@ async fn work_loop(
         }
         if running.len() >= slots {
             // Busy: wait for a slot, but poll at least every second as a heartbeat.
-            let slot = tokio::time::timeout(Duration::from_secs(1), running.join_next());
+            let slot = async {
+                tokio::select! {
+                    _ = tokio::time::timeout(Duration::from_secs(1), running.join_next()) => {}
+                    _ = draining.given() => {}
+                }
+            };
             if let Err(req) = or_attach(attach, slot).await {
                 attached!(req);
             }

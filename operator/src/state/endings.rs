@@ -5,7 +5,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kiln_api::crd::{
     CONDITION_DEGRADED, CONDITION_FAILED, CONDITION_PROGRESSING, CONDITION_READY,
-    CONDITION_SUCCEEDED, ComputeJobStatus, JobResult, ROLE_DRIVER, ROLE_EXECUTOR,
+    CONDITION_SPOT_FALLBACK, CONDITION_SUCCEEDED, ComputeJobStatus, JobResult, ROLE_DRIVER,
+    ROLE_EXECUTOR,
 };
 use kiln_api::{DriverReport, FailureReason, JobPhase};
 
@@ -136,6 +137,22 @@ impl Run<'_, '_> {
         s.executors.desired = spec.executors.count;
         s.executors.summary = format!("{}/{}", s.executors.running, s.executors.desired);
         let desired = s.executors.desired;
+        if spec.executors.spot_fallback.is_some() && !s.phase.is_finished() {
+            let on = &s.executors.on_demand;
+            let (reason, message) = if on.is_empty() {
+                ("OnSpot", String::new())
+            } else {
+                (
+                    "SpotCapacityUnavailable",
+                    format!(
+                        "spot capacity ran out: {} on on-demand nodes",
+                        on.join(", ")
+                    ),
+                )
+            };
+            let fallen = !on.is_empty();
+            set(s, CONDITION_SPOT_FALLBACK, fallen, reason, &message);
+        }
         match self.state.take() {
             Some(Outlook::Done) | None => {
                 let phase = s.phase;

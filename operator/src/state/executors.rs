@@ -1,6 +1,7 @@
 //! Executors of a running job: adopting pods created before a lost status write, finding
-//! the lost ones, telling the driver, replacing them with back-off, enforcing the budgets.
-use std::collections::BTreeSet;
+//! the lost ones (and why), draining those given notice, telling the driver, replacing them
+//! with back-off, enforcing the budgets, marking those that hold data nobody else has.
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -37,6 +38,7 @@ impl Run<'_, '_> {
         // Nodes a replacement must not go to: those of executors lost to a dead or silent
         // node, which the scheduler may still think Ready.
         let mut suspect = BTreeSet::new();
+        let mut draining = Vec::new();
         for name in active {
             let pod = self
                 .obs
@@ -44,65 +46,53 @@ impl Run<'_, '_> {
                 .iter()
                 .find(|p| podstate::name(p) == name)
                 .cloned();
+            let was_draining = self.old.executors.draining.contains(&name);
             let Some(pod) = pod else {
-                self.lose(
-                    &name,
-                    None,
-                    LossReason::Failed,
-                    false,
-                    "its pod was deleted".into(),
-                    driver_ip,
-                );
+                // Gone: drained (the driver says so), or deleted by someone else, which is
+                // never the job's fault.
+                let (reason, detail) = if self.driver_drained(&name) {
+                    (LossReason::Drained, "it left after its blocks moved")
+                } else if was_draining {
+                    (LossReason::Preempted, "it went before its blocks moved")
+                } else {
+                    (LossReason::Preempted, "its pod was deleted")
+                };
+                self.lose(&name, None, reason, false, detail.into(), driver_ip);
                 continue;
             };
             let node_lost = self.node_lost(&pod);
+            let notice = self.notice(&pod);
             if podstate::phase(&pod) == "Succeeded" {
-                // Executors exit 0 when the driver tells them the job is over. Still tracked:
-                // a later look before the driver's own end must not take the job for one
-                // short of executors.
-                finishing = true;
-                live.push(name);
-            } else if node_lost || podstate::is_disrupted(&pod) {
-                if node_lost {
-                    suspect.extend(podstate::node(&pod).map(str::to_string));
-                }
-                let detail = if node_lost {
-                    format!("its node {} is lost", podstate::node(&pod).unwrap_or("?"))
+                if was_draining || notice.is_some() || self.driver_drained(&name) {
+                    // Decommissioned: it exits 0 once its blocks have moved.
+                    self.lose(
+                        &name,
+                        Some(&pod),
+                        LossReason::Drained,
+                        false,
+                        "it left after its blocks moved".into(),
+                        driver_ip,
+                    );
                 } else {
-                    "it was disrupted (evicted or preempted)".into()
-                };
+                    // Executors exit 0 when the driver tells them the job is over. Still
+                    // tracked: a later look before the driver's own end must not take the
+                    // job for one short of executors.
+                    finishing = true;
+                    live.push(name);
+                }
+            } else if node_lost {
+                suspect.extend(podstate::node(&pod).map(str::to_string));
+                let detail = format!("its node {} is lost", podstate::node(&pod).unwrap_or("?"));
                 self.lose(
                     &name,
                     Some(&pod),
-                    LossReason::Preempted,
+                    LossReason::NodeLost,
                     false,
                     detail,
                     driver_ip,
                 );
-            } else if self.driver_gave_up_on(&name) {
-                suspect.extend(podstate::node(&pod).map(str::to_string));
-                // The driver already gave up on it: replace it now rather than run short
-                // until the control plane notices (its node may be gone without a word).
-                self.lose(
-                    &name,
-                    Some(&pod),
-                    LossReason::HeartbeatTimeout,
-                    false,
-                    "the driver stopped hearing from it".into(),
-                    driver_ip,
-                );
-            } else if podstate::is_deleting(&pod) {
-                self.lose(
-                    &name,
-                    Some(&pod),
-                    LossReason::Failed,
-                    false,
-                    "it was deleted".into(),
-                    driver_ip,
-                );
             } else if podstate::phase(&pod) == "Failed" {
                 let min = Duration::from_secs(cfg.min_executor_uptime_seconds);
-                let crash = podstate::run_time(&pod).is_none_or(|t| t < min);
                 let detail = match podstate::terminated(&pod) {
                     Some(t) => format!(
                         "it exited with code {}{}",
@@ -120,12 +110,49 @@ impl Run<'_, '_> {
                             .unwrap_or("unknown")
                     ),
                 };
+                let reason = if podstate::oom_killed(&pod) {
+                    LossReason::OomKilled
+                } else if was_draining || notice.is_some() {
+                    // Killed by its reclaim before its blocks moved.
+                    LossReason::Preempted
+                } else {
+                    LossReason::Failed
+                };
+                let crash = reason.counts_against_budget()
+                    && podstate::run_time(&pod).is_none_or(|t| t < min);
+                self.lose(&name, Some(&pod), reason, crash, detail, driver_ip);
+            } else if let Some(cause) = notice {
+                // Given notice: the driver moves the blocks only it holds while it still
+                // runs (its pod's SIGTERM says the same to the executor itself), and its
+                // replacement starts now, away from a node that is going.
+                if podstate::is_disrupted(&pod) || !podstate::is_deleting(&pod) {
+                    suspect.extend(podstate::node(&pod).map(str::to_string));
+                }
+                if !was_draining {
+                    self.event(
+                        false,
+                        "ExecutorDraining",
+                        format!(
+                            "executor pod {name} was given notice ({cause}): its blocks move to other executors and a replacement starts"
+                        ),
+                    );
+                }
+                self.plan.actions.push(Action::Decommission {
+                    executor: name.clone(),
+                    cause,
+                    driver_ip: driver_ip.to_string(),
+                });
+                draining.push(name);
+            } else if self.driver_gave_up_on(&name) {
+                suspect.extend(podstate::node(&pod).map(str::to_string));
+                // The driver already gave up on it: replace it now rather than run short
+                // until the control plane notices (its node may be gone without a word).
                 self.lose(
                     &name,
                     Some(&pod),
-                    LossReason::Failed,
-                    crash,
-                    detail,
+                    LossReason::HeartbeatTimeout,
+                    false,
+                    "the driver stopped hearing from it".into(),
                     driver_ip,
                 );
             } else if let Some((reason, message)) = podstate::stuck(&pod) {
@@ -134,21 +161,51 @@ impl Run<'_, '_> {
                     return;
                 }
                 live.push(name);
+            } else if let Some((since, message)) = podstate::unschedulable(&pod) {
+                if let Some(replacement) =
+                    self.spot_fallback(&pod, since, &message, driver_ip, &mut next)
+                {
+                    live.push(replacement);
+                    continue;
+                }
+                if self.unplaceable(&pod, "executors") {
+                    return;
+                }
+                live.push(name);
             } else {
                 running += u32::from(podstate::is_running(&pod));
+                self.annotate_holding(&pod);
                 live.push(name);
             }
         }
         let spec = &self.obs.job.spec;
-        let executors = &self.status.executors;
-        if executors.lost > spec.failure_policy.max_executor_losses {
+        let counted: u32 = self
+            .status
+            .executors
+            .lost_by_reason
+            .iter()
+            .filter(|(r, _)| LossReason::parse(r).is_none_or(LossReason::counts_against_budget))
+            .map(|(_, n)| n)
+            .sum();
+        if counted > spec.failure_policy.max_executor_losses {
             let message = format!(
-                "{} executors lost, more than failurePolicy.maxExecutorLosses ({})",
-                executors.lost, spec.failure_policy.max_executor_losses
+                "{counted} executors lost to their own faults ({}), more than failurePolicy.maxExecutorLosses ({}); reclaims, drains and lost nodes do not count",
+                self.status
+                    .executors
+                    .lost_by_reason
+                    .iter()
+                    .filter(
+                        |(r, _)| LossReason::parse(r).is_none_or(LossReason::counts_against_budget)
+                    )
+                    .map(|(r, n)| format!("{r}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.failure_policy.max_executor_losses
             );
             self.fail(FailureReason::ExecutorLossesExceeded, message);
             return;
         }
+        let executors = &self.status.executors;
         if executors.consecutive_crashes >= cfg.crash_loop_limit {
             let message = format!(
                 "{} executor pods in a row failed within {}s of starting; last: {}",
@@ -200,7 +257,13 @@ impl Run<'_, '_> {
                 }
             }
         }
-        self.status.executors.pods = live;
+        let e = &mut self.status.executors;
+        e.on_demand.retain(|n| live.contains(n));
+        // Draining pods stay tracked (a replacement driver takes them over, a later look
+        // settles how they went) but no longer count towards the desired width.
+        live.extend(draining.iter().cloned());
+        e.draining = draining;
+        e.pods = live;
         self.status.executors.next_index = next;
         self.status.executors.running = running;
     }
@@ -244,5 +307,85 @@ impl Run<'_, '_> {
             "ExecutorLost",
             format!("executor pod {name} lost ({}): {detail}", reason.as_str()),
         );
+    }
+}
+
+/// The cost of deleting the pod, which scale-down tools that honour it weigh: here, the
+/// outputs only it holds.
+pub const ANNOTATION_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Karpenter leaves a node with such a pod alone (no consolidation or drift replacement).
+pub const ANNOTATION_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
+/// The cluster autoscaler does not scale down a node with such a pod.
+pub const ANNOTATION_SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
+
+impl Run<'_, '_> {
+    /// What gave notice that the executor pod is going, if anything did: a
+    /// `DisruptionTarget` condition, its deletion, or a disruption taint on its node.
+    fn notice(&self, pod: &Pod) -> Option<String> {
+        if podstate::is_disrupted(pod) {
+            return Some("DisruptionTarget".into());
+        }
+        if podstate::is_deleting(pod) {
+            return Some("deleted".into());
+        }
+        let node = podstate::node(pod)?;
+        self.obs
+            .noticed_nodes
+            .get(node)
+            .map(|taint| format!("taint {taint} on node {node}"))
+    }
+
+    /// Whether the driver says the executor left after its blocks moved.
+    fn driver_drained(&self, name: &str) -> bool {
+        self.obs.progress.is_some_and(|p| {
+            p.lost_executors.iter().any(|l| {
+                l.executor_id == name && LossReason::parse(&l.reason) == Some(LossReason::Drained)
+            })
+        })
+    }
+
+    /// Keeps voluntary disruptions (consolidation, scale-down) off executors that hold
+    /// outputs no other executor has, and only those: their pods get a deletion cost (the
+    /// outputs held), `karpenter.sh/do-not-disrupt` and the cluster autoscaler's
+    /// `safe-to-evict: "false"`; the annotations go once the outputs are replicated or no
+    /// longer needed. Keys the job's pod template sets are left to it.
+    fn annotate_holding(&mut self, pod: &Pod) {
+        let Some(progress) = self.obs.progress else {
+            return;
+        };
+        let name = podstate::name(pod);
+        let outputs = progress
+            .holding
+            .iter()
+            .find(|h| h.executor_id == name)
+            .map_or(0, |h| h.outputs);
+        let template = &self.obs.job.spec.executors.template.annotations;
+        let keys = [
+            ANNOTATION_DELETION_COST,
+            ANNOTATION_DO_NOT_DISRUPT,
+            ANNOTATION_SAFE_TO_EVICT,
+        ];
+        let mut want = BTreeMap::new();
+        if outputs > 0 {
+            let cost = outputs.min(i32::MAX as u64).to_string();
+            want.insert(ANNOTATION_DELETION_COST.to_string(), cost);
+            want.insert(ANNOTATION_DO_NOT_DISRUPT.to_string(), "true".to_string());
+            want.insert(ANNOTATION_SAFE_TO_EVICT.to_string(), "false".to_string());
+        }
+        want.retain(|k, _| !template.contains_key(k));
+        let have: BTreeMap<String, String> = pod
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| keys.contains(&k.as_str()) && !template.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if have != want {
+            self.plan.actions.push(Action::Annotate {
+                pod: name.to_string(),
+                annotations: want,
+            });
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The reconciler's pure core: from a ComputeJob, its pods and what the driver reports, it
 //! decides what to create, delete and tell the driver, and the job's next status. No I/O:
 //! the reconciler gathers [`Observed`] and carries out the [`Plan`].
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -16,6 +16,7 @@ use crate::children::{MAX_NAME_LENGTH, driver_service, spec_config_map, token_se
 use crate::config::OperatorConfig;
 use crate::pods::{PodContext, Takeover, driver_pod};
 
+mod capacity;
 mod driver_loss;
 mod endings;
 mod executors;
@@ -50,8 +51,33 @@ pub enum Action {
         /// When the executor went, as far as its pod tells (Unix milliseconds).
         occurred_unix_ms: u64,
     },
+    /// Give the driver notice that an executor is going: it takes no more tasks and the
+    /// blocks only it holds move to other executors.
+    Decommission {
+        executor: String,
+        /// What gave notice (`DisruptionTarget`, `deleted`, a taint's key).
+        cause: String,
+        driver_ip: String,
+    },
+    /// Set the annotations that tell the cluster autoscaler and Karpenter what an executor
+    /// pod holds (server-side apply under their own field manager: keys left out go).
+    Annotate {
+        pod: String,
+        annotations: BTreeMap<String, String>,
+    },
     /// Delete the ComputeJob itself (its `ttlSecondsAfterFinished` ran out).
     DeleteJob,
+}
+
+/// What a node can hold (its allocatable resources).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCapacity {
+    /// The node's name.
+    pub name: String,
+    /// Allocatable CPU, millicores.
+    pub cpu_millis: u64,
+    /// Allocatable memory, bytes.
+    pub memory_bytes: u64,
 }
 
 /// An Event to record on the ComputeJob.
@@ -92,6 +118,12 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     /// Nodes of its pods that are gone or not Ready.
     pub lost_nodes: &'a BTreeSet<String>,
+    /// Nodes of its executors carrying a disruption taint (a reclaim or scale-down notice),
+    /// with the taint's key.
+    pub noticed_nodes: &'a BTreeMap<String, String>,
+    /// Every node's allocatable resources, read only when a pod of the job is
+    /// unschedulable (None otherwise).
+    pub node_capacity: Option<&'a [NodeCapacity]>,
     /// The driver's progress, when it answered.
     pub progress: Option<&'a JobStatusResponse>,
     /// The job's token (from its Secret, or a new one).
@@ -430,6 +462,9 @@ impl Run<'_, '_> {
             DriverState::Lost { detail, node_lost } => self.driver_lost(&pod, detail, node_lost),
             DriverState::Stuck { reason, message } => self.stuck(&pod, &reason, &message),
             DriverState::Starting => {
+                if self.unplaceable(&pod, "driver") {
+                    return;
+                }
                 // A replacement's executors wait for it to attach to them.
                 self.hold_executors();
                 self.status.phase = JobPhase::Pending;
@@ -448,7 +483,15 @@ impl Run<'_, '_> {
                     progress.tasks = p.tasks_total;
                     progress.tasks_done = p.tasks_done;
                     progress.summary = format!("{}/{}", p.tasks_done, p.tasks_total);
-                    self.status.recovery.partitions_recomputed = p.partitions_recomputed;
+                    let recovery = &mut self.status.recovery;
+                    recovery.partitions_recomputed = p.partitions_recomputed;
+                    recovery.partitions_migrated = p.partitions_migrated;
+                    // Zero: no loss yet (a replacement driver knows none), or not recovered yet.
+                    if p.last_detect_ms > 0 {
+                        recovery.last_detect_ms = Some(p.last_detect_ms);
+                        recovery.last_recover_ms =
+                            (p.last_recover_ms > 0).then_some(p.last_recover_ms);
+                    }
                     self.resumed(&pod, p.stages_resumed);
                 }
                 self.state = Some(Outlook::Running);

@@ -96,15 +96,14 @@ fn a_killed_driver_is_replaced_by_one_that_takes_over_its_executors() {
     assert!(plan.losses.is_empty() && plan.actions.is_empty());
     assert_eq!(plan.status.executors.lost, 0);
     assert_eq!(reasons(&plan), ["Running"]);
-    // ... and the bookkeeping goes on with the new driver: a loss is reported to it, and the
+    // ... and the bookkeeping goes on with the new driver: notice is given to it, and the
     // replacement executor dials it.
     w.set("wc-exec-1", |p| evicted(p, 30));
     let plan = w.step(30);
-    assert!(plan.actions.contains(&Action::ExecutorLost {
+    assert!(plan.actions.contains(&Action::Decommission {
         executor: "wc-exec-1".into(),
-        reason: LossReason::Preempted,
+        cause: "DisruptionTarget".into(),
         driver_ip: "10.244.3.9".into(),
-        occurred_unix_ms: at(30).as_millisecond() as u64,
     }));
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
     let replacement = first_applied_pod(&plan);
@@ -114,8 +113,8 @@ fn a_killed_driver_is_replaced_by_one_that_takes_over_its_executors() {
         .unwrap();
     assert!(has(&args, "--driver=http://10.244.3.9:7077"), "{args:?}");
     let s = &plan.status;
-    assert_eq!(s.executors.pods, ["wc-exec-0", "wc-exec-2"]);
-    assert_eq!((s.executors.lost, s.recovery.driver_losses), (1, 1));
+    assert_eq!(s.executors.pods, ["wc-exec-0", "wc-exec-2", "wc-exec-1"]);
+    assert_eq!((s.executors.lost, s.recovery.driver_losses), (0, 1));
 }
 
 #[test]
@@ -147,15 +146,28 @@ fn a_vanished_driver_hands_over_only_the_executors_that_run() {
     assert_eq!((s.executors.lost, s.recovery.driver_losses), (0, 1));
     w.apply(&plan, 11);
 
-    // Once the new driver runs, the evicted executor is a loss like any other, and both
-    // missing executors are created to dial the new driver.
+    // Once the new driver runs, the evicted executor is given notice like any other, and
+    // both missing executors are created to dial the new driver.
     w.set("wc-driver", |p| running(p, "10.244.3.9"));
     let plan = w.step(12);
+    assert!(plan.losses.is_empty());
+    assert_eq!(applied_pods(&plan), ["wc-exec-3", "wc-exec-4"]);
+    let s = &plan.status;
+    assert_eq!(
+        s.executors.pods,
+        ["wc-exec-0", "wc-exec-3", "wc-exec-4", "wc-exec-1"]
+    );
+    assert_eq!(s.executors.draining, ["wc-exec-1"]);
+    // The new driver never knew it: once its pod is gone it is a loss that costs nothing.
+    w.apply(&plan, 12);
+    w.pods
+        .retain(|p| p.metadata.name.as_deref() != Some("wc-exec-1"));
+    let plan = w.step(20);
     assert_eq!(
         plan.losses,
         [("wc-exec-1".to_string(), LossReason::Preempted)]
     );
-    assert_eq!(applied_pods(&plan), ["wc-exec-3", "wc-exec-4"]);
+    assert!(applied_pods(&plan).is_empty());
     let s = &plan.status;
     assert_eq!(s.executors.pods, ["wc-exec-0", "wc-exec-3", "wc-exec-4"]);
     assert_eq!(s.executors.lost, 1);

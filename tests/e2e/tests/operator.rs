@@ -3,7 +3,8 @@
 //! `Succeeded` with the output `kiln run` gives locally, the driver on an on-demand node and
 //! every executor on a spot node, a spot node killed mid-shuffle, the operator restarted
 //! mid-job, a driver lost mid-job (its replacement takes over and resumes), and bad specs
-//! refused or failed without disturbing good jobs.
+//! refused or failed without disturbing good jobs; executors given notice (an eviction, a
+//! disruption taint) drain, spot capacity gone falls back to on-demand nodes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -24,6 +25,8 @@ use kiln_e2e::{
     serial, wait_for,
 };
 
+#[path = "operator/spot.rs"]
+mod spot;
 #[path = "operator/takeover.rs"]
 mod takeover;
 use takeover::{TAKEOVER_PARTITIONS, driver_deleted, driver_node_killed};

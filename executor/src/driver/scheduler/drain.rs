@@ -90,4 +90,36 @@ impl Scheduler {
         }
         true
     }
+
+    /// Attempts running now of stages that read any of `inputs`: tasks whose plans may
+    /// still name an output's old location.
+    pub fn running_readers(&self, inputs: &std::collections::BTreeSet<u32>) -> Vec<(TaskId, u32)> {
+        self.stages
+            .iter()
+            .filter(|(_, s)| s.inputs.iter().any(|i| inputs.contains(i)))
+            .flat_map(|(sid, s)| {
+                s.tasks
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(p, t)| match t {
+                        TaskState::Running { attempt, .. } => Some((
+                            TaskId {
+                                stage: *sid,
+                                partition: p as u32,
+                            },
+                            *attempt,
+                        )),
+                        _ => None,
+                    })
+            })
+            .collect()
+    }
+
+    /// Whether attempt `attempt` of `task` is running.
+    pub fn is_running(&self, task: TaskId, attempt: u32) -> bool {
+        self.stages
+            .get(&task.stage)
+            .and_then(|s| s.tasks.get(task.partition as usize))
+            .is_some_and(|t| matches!(t, TaskState::Running { attempt: a, .. } if *a == attempt))
+    }
 }
