@@ -154,6 +154,50 @@ fn pagerank_recomputes_only_the_lost_cached_partitions() {
 }
 
 #[test]
+fn pagerank_loses_nothing_when_every_executor_is_given_notice() {
+    // Two executors: after the first drain, the second notice strikes both that remain at
+    // once, so their blocks wait for the replacements to register before they move.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("drains");
+    let mut job = pagerank_job(&out);
+    job["failurePolicy"] =
+        serde_yaml::to_value(serde_json::json!({"maxExecutorLosses": 0})).expect("yaml");
+    let chaos = [
+        "--chaos",
+        "iteration=5,drain",
+        "--chaos",
+        "iteration=8,drain",
+        "--chaos",
+        "iteration=8,drain",
+    ];
+    let run = run_job_with(dir.path(), &job, 2, &chaos, TIMEOUT);
+    let summary = run.expect_success("pagerank with drains").clone();
+    let batches = runtime()
+        .block_on(read_parquet_dir(&out))
+        .unwrap_or_else(|e| panic!("pagerank with drains: {e}"));
+    compare_ranks(
+        "pagerank with drains",
+        &reference_ranks(),
+        &ranks_of(&batches),
+    );
+    let reasons: Vec<&str> = summary["recovery"]["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .filter_map(|l| l["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.len() >= 2 && reasons.iter().all(|r| *r == "Drained"),
+        "{reasons:?}"
+    );
+    assert!(
+        summary_int(&summary, "/recovery/partitionsMigrated") > 0,
+        "{summary}"
+    );
+    assert_eq!(summary_int(&summary, "/totals/recomputed"), 0, "{summary}");
+}
+
+#[test]
 fn kmeans_finds_the_clusters_the_points_came_from() {
     let root = workspace_root().join("examples/kmeans");
     let text = std::fs::read_to_string(root.join("job.yaml")).expect("read the job");

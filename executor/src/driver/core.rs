@@ -251,6 +251,8 @@ impl DriverCore {
             address: address.to_string(),
         });
         self.take_over(executor, held, journal);
+        // Outputs of drains that had nowhere to go move here.
+        self.place_migrations();
         Registration::Accepted
     }
 
@@ -398,6 +400,8 @@ impl DriverCore {
         } else {
             self.sched.executor_lost(executor, reason)
         };
+        // Copies that were going to it go to another target.
+        self.place_migrations();
         self.loss_timings.push(LossTiming {
             occurred,
             detected: now,

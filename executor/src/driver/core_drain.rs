@@ -34,6 +34,10 @@ pub(crate) struct Migration {
 pub(super) struct Drain {
     /// When it was given notice.
     started: Instant,
+    /// Its block-service address, where copies read from.
+    address: String,
+    /// Outputs with no target yet: no executor was left to take them.
+    unplaced: Vec<TaskId>,
     /// Copies handed out or queued and not yet reported.
     pending: BTreeSet<TaskId>,
     /// Stages whose outputs it held.
@@ -72,15 +76,48 @@ impl DriverCore {
         let Some(outputs) = self.sched.decommission(executor) else {
             return false;
         };
+        tracing::warn!(
+            executor,
+            cause,
+            outputs = outputs.len(),
+            "executor given notice: draining"
+        );
+        self.drains.draining.insert(
+            executor.to_string(),
+            Drain {
+                started: now,
+                address,
+                unplaced: outputs.clone(),
+                pending: BTreeSet::new(),
+                stages: outputs.iter().map(|t| t.stage).collect(),
+                readers: None,
+            },
+        );
+        self.place_migrations();
+        let moving = self.drains.draining[executor].pending.len();
+        self.outbox.push(Progress::ExecutorDraining {
+            executor: executor.to_string(),
+            outputs: moving,
+        });
+        self.changed = true;
+        true
+    }
+
+    /// Shares the outputs of draining executors that have no target yet out to the live
+    /// executors not draining, spreading them over those holding least. With none (every
+    /// executor was given notice at once), they wait for the replacements to register.
+    pub(super) fn place_migrations(&mut self) {
         let mut load: Vec<(usize, ExecutorId)> = self
             .outputs_held()
             .into_iter()
-            .filter(|(e, _)| e != executor && !self.sched.is_draining(e))
+            .filter(|(e, _)| !self.sched.is_draining(e))
             .map(|(e, n)| (n, e))
             .collect();
-        let mut pending = BTreeSet::new();
-        if !load.is_empty() {
-            for task in &outputs {
+        if load.is_empty() {
+            return;
+        }
+        for (source, drain) in &mut self.drains.draining {
+            for task in std::mem::take(&mut drain.unplaced) {
                 let Some(info) = self.stages.get(&task.stage) else {
                     continue;
                 };
@@ -92,40 +129,19 @@ impl DriverCore {
                     .entry(target.clone())
                     .or_default()
                     .push(Migration {
-                        task: *task,
-                        source: executor.to_string(),
-                        source_address: address.clone(),
+                        task,
+                        source: source.clone(),
+                        source_address: drain.address.clone(),
                         blocks: info.blocks_per_task,
                         fingerprint: info.fingerprint,
                     });
                 self.drains
                     .in_flight
-                    .insert(*task, (executor.to_string(), target.clone()));
-                pending.insert(*task);
+                    .insert(task, (source.clone(), target.clone()));
+                drain.pending.insert(task);
             }
         }
-        tracing::warn!(
-            executor,
-            cause,
-            outputs = outputs.len(),
-            moving = pending.len(),
-            "executor given notice: draining"
-        );
-        self.outbox.push(Progress::ExecutorDraining {
-            executor: executor.to_string(),
-            outputs: pending.len(),
-        });
-        self.drains.draining.insert(
-            executor.to_string(),
-            Drain {
-                started: now,
-                pending,
-                stages: outputs.iter().map(|t| t.stage).collect(),
-                readers: None,
-            },
-        );
         self.changed = true;
-        true
     }
 
     /// A copy of `task`'s output from `source` arrived on `target` (`ok`) or failed.
@@ -142,6 +158,12 @@ impl DriverCore {
         let moved = ok && self.sched.move_output(task, source, target);
         if moved {
             self.drains.migrated += 1;
+            // It landed on an executor given notice meanwhile: it moves on from there.
+            if let Some(d) = self.drains.draining.get_mut(target) {
+                d.unplaced.push(task);
+                d.stages.insert(task.stage);
+                self.place_migrations();
+            }
         } else {
             tracing::warn!(
                 stage = task.stage,
@@ -168,7 +190,7 @@ impl DriverCore {
         if now.duration_since(d.started) > DRAIN_DEADLINE {
             return Some(true);
         }
-        if !d.pending.is_empty() {
+        if !d.pending.is_empty() || !d.unplaced.is_empty() {
             return Some(false);
         }
         let readers = d
@@ -184,8 +206,8 @@ impl DriverCore {
         self.lose(executor, LossReason::Drained, Some(now), now);
     }
 
-    /// Forgets the copies from or to an executor that is gone: those to it failed, those
-    /// from it can no longer arrive.
+    /// Forgets the copies from or to an executor that is gone: those from it can no longer
+    /// arrive, those to it go to another target.
     pub(super) fn drop_drains_of(&mut self, executor: &str) {
         self.drains.draining.remove(executor);
         self.drains.queued.remove(executor);
@@ -202,7 +224,9 @@ impl DriverCore {
         for (task, source) in gone {
             self.drains.in_flight.remove(&task);
             if let Some(d) = self.drains.draining.get_mut(&source) {
+                // Its target went: the copy goes elsewhere (see `place_migrations`).
                 d.pending.remove(&task);
+                d.unplaced.push(task);
             }
         }
     }

@@ -539,7 +539,7 @@ fn a_drained_executor_hands_its_outputs_over_and_leaves_counting_nothing() {
 }
 
 #[test]
-fn copies_to_or_from_a_lost_executor_are_forgotten() {
+fn copies_to_a_lost_executor_go_to_the_next_one_to_register() {
     let now = Instant::now();
     let mut core = job(now);
     core.register("c", "c:1", &[], None, now);
@@ -547,9 +547,17 @@ fn copies_to_or_from_a_lost_executor_are_forgotten() {
     assert!(core.decommission("a", "test", now));
     core.lose("b", LossReason::Preempted, None, now);
     core.lose("c", LossReason::Preempted, None, now);
-    assert_eq!(
+    assert_ne!(
         core.poll("a", 0, &none(), true, now),
         PollAnswer::Decommissioned,
-        "its targets are gone: nothing left to wait for"
+        "its targets are gone: its outputs wait for the next executor"
     );
+    core.register("d", "d:1", &[], None, now);
+    match core.poll("d", 0, &none(), true, now) {
+        PollAnswer::Work { migrations, .. } => {
+            assert_eq!(migrations.len(), 2);
+            assert!(migrations.iter().all(|m| m.source == "a"));
+        }
+        other => panic!("expected the copies, got {other:?}"),
+    }
 }

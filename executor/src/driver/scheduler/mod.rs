@@ -267,6 +267,11 @@ impl Scheduler {
         {
             return Vec::new();
         }
+        // A stage that lost an input since it was resolved waits for it again, whichever
+        // way its tasks went back to pending (a loss, a decommission, a failed fetch).
+        if self.wait_for_inputs() {
+            self.refresh();
+        }
         let mut picks: Vec<TaskId> = Vec::new();
         let runnable: Vec<u32> = self
             .stages
@@ -301,7 +306,7 @@ impl Scheduler {
                     // it: reading locally saves moving the partition.
                     let take = match holder(p) {
                         Some(h) if h == executor => true,
-                        Some(h) => !local_pass && !self.executors.contains_key(h),
+                        Some(h) => !local_pass && self.executors.get(h).is_none_or(|e| e.draining),
                         None => !local_pass,
                     };
                     if take {
@@ -662,7 +667,7 @@ impl Scheduler {
                 s.tasks[p as usize] = TaskState::Pending;
             }
             if !needed {
-                s.released = true;
+                // Recomputed only if a stage that reads it runs again.
                 continue;
             }
             self.outputs_lost += partitions_lost as u64;
@@ -691,24 +696,57 @@ impl Scheduler {
             }
         }
         // A stage whose own inputs are gone waits for them (walking up the lineage).
-        let ids: Vec<u32> = self.stages.keys().copied().collect();
-        for sid in ids {
-            let s = &self.stages[&sid];
-            if matches!(s.status, StageStatus::Resolved | StageStatus::Running)
-                && s.tasks.contains(&TaskState::Pending)
-                && !self.inputs_complete(sid)
-            {
-                self.stages.get_mut(&sid).expect("known").status = StageStatus::Unresolved;
-            }
-        }
+        self.wait_for_inputs();
         events
+    }
+
+    /// Stages still to run wait for inputs that lost partitions, and those inputs (lost
+    /// while nothing read them, so left as they were) are recomputed, up the lineage.
+    /// Returns whether any stage changed.
+    fn wait_for_inputs(&mut self) -> bool {
+        let mut changed = false;
+        loop {
+            let mut again = false;
+            let ids: Vec<u32> = self.stages.keys().copied().collect();
+            for sid in ids {
+                let s = &self.stages[&sid];
+                if s.status == StageStatus::Succeeded || s.released {
+                    continue;
+                }
+                for i in s.inputs.clone() {
+                    if let Some(input) = self.stages.get_mut(&i)
+                        && input.status == StageStatus::Succeeded
+                        && !input
+                            .tasks
+                            .iter()
+                            .all(|t| matches!(t, TaskState::Done { .. }))
+                    {
+                        input.status = StageStatus::Unresolved;
+                        input.released = false;
+                        again = true;
+                    }
+                }
+                let s = &self.stages[&sid];
+                if matches!(s.status, StageStatus::Resolved | StageStatus::Running)
+                    && !self.inputs_complete(sid)
+                {
+                    self.stages.get_mut(&sid).expect("known").status = StageStatus::Unresolved;
+                    again = true;
+                }
+            }
+            if !again {
+                return changed;
+            }
+            changed = true;
+        }
     }
 
     fn inputs_complete(&self, stage: u32) -> bool {
         self.stages[&stage].inputs.iter().all(|i| {
-            self.stages
-                .get(i)
-                .is_some_and(|s| s.status == StageStatus::Succeeded)
+            self.stages.get(i).is_some_and(|s| {
+                s.status == StageStatus::Succeeded
+                    && s.tasks.iter().all(|t| matches!(t, TaskState::Done { .. }))
+            })
         })
     }
 

@@ -412,3 +412,32 @@ fn heartbeats_expire() {
         vec![("b".to_string(), now)]
     );
 }
+
+#[test]
+fn an_input_lost_while_nothing_read_it_is_recomputed_before_a_stage_that_needs_it_again() {
+    let now = Instant::now();
+    let mut s = Scheduler::new(policy());
+    for e in ["a", "b", "c"] {
+        assert!(s.register_executor(e, &format!("{e}:1"), now));
+    }
+    s.add_stage(1, 1, vec![], None);
+    s.add_stage(2, 1, vec![1], None);
+    s.add_stage(3, 1, vec![2], None);
+    for (stage, exec) in [(1, "a"), (2, "b")] {
+        let picked = s.assign(exec, 1);
+        assert_eq!(picked.len(), 1);
+        assert_eq!(picked[0].0.stage, stage);
+        s.task_succeeded(picked[0].0, picked[0].1, exec);
+    }
+    // Stage 1's output goes while nothing reads it (stage 2 is done) ...
+    s.executor_lost("a", LossReason::Preempted);
+    // ... then stage 2's, which stage 3 still needs: stage 1 runs again first.
+    s.executor_lost("b", LossReason::Preempted);
+    let next = s.assign("c", 8);
+    assert_eq!(next.iter().map(|(t, _)| t.stage).collect::<Vec<_>>(), [1]);
+    assert!(s.locations(1).is_none());
+    s.task_succeeded(next[0].0, next[0].1, "c");
+    let next = s.assign("c", 8);
+    assert_eq!(next.iter().map(|(t, _)| t.stage).collect::<Vec<_>>(), [2]);
+    assert!(s.locations(1).is_some());
+}
