@@ -248,6 +248,14 @@ struct Role<'a> {
     grace_seconds: i64,
 }
 
+/// The cost of deleting the pod, which scale-down tools that honour it weigh: on an
+/// executor, the outputs only it holds.
+pub const ANNOTATION_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Karpenter leaves a node with such a pod alone (no consolidation or drift replacement).
+pub const ANNOTATION_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
+/// The cluster autoscaler does not scale down a node with such a pod.
+pub const ANNOTATION_SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
+
 /// An executor's grace period: time, after its notice (SIGTERM), to move the blocks only it
 /// holds to other executors; a reclaim's own notice (two minutes on AWS, 30 s on GCP)
 /// bounds what it really gets.
@@ -381,7 +389,7 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>
         epoch: attempt.max(1).into(),
         attach: takeover.map(|t| t.attach.clone()).unwrap_or_default(),
     };
-    let extra_annotations = takeover
+    let mut extra_annotations = takeover
         .map(|t| {
             vec![
                 (ANNOTATION_ATTACHED, t.attach.len().to_string()),
@@ -392,6 +400,17 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>
             ]
         })
         .unwrap_or_default();
+    // The driver holds the job's state: no voluntary disruption (consolidation, scale-down)
+    // takes its node, unless the pod template says otherwise.
+    extra_annotations.extend(
+        [
+            (ANNOTATION_DO_NOT_DISRUPT, "true"),
+            (ANNOTATION_SAFE_TO_EVICT, "false"),
+        ]
+        .into_iter()
+        .filter(|(k, _)| !spec.driver.template.annotations.contains_key(*k))
+        .map(|(k, v)| (k, v.to_string())),
+    );
     let mut env_vars = vec![token_env(&job)];
     env_vars.extend(ctx.job.uid().map(|uid| env(ENV_JOB_UID, uid)));
     pod(

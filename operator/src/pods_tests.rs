@@ -33,7 +33,16 @@ fn driver_stays_off_spot_and_runs_locked_down() {
     assert_eq!(labels[LABEL_JOB], "wc");
     assert_eq!(labels[LABEL_ROLE], "driver");
     assert_eq!(labels[LABEL_ATTEMPT], "2");
-    assert_eq!(p.metadata.annotations, None, "nothing taken over");
+    let annotations = p.metadata.annotations.clone().unwrap();
+    assert_eq!(
+        annotations.keys().collect::<Vec<_>>(),
+        [ANNOTATION_SAFE_TO_EVICT, ANNOTATION_DO_NOT_DISRUPT],
+        "nothing taken over; protected from voluntary disruption"
+    );
+    assert_eq!(annotations[ANNOTATION_DO_NOT_DISRUPT], "true");
+    // An executor carries neither until it holds data nobody else has.
+    let e = executor_pod(ctx(&j, &config), 0, "ip");
+    assert_eq!(e.metadata.annotations, None);
     assert_eq!(Takeover::recorded(&p), None);
     let t = terms(&p);
     assert_eq!(t.len(), 1, "one term: every spot label absent");

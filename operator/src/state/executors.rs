@@ -11,7 +11,10 @@ use kiln_api::{FailureReason, JobPhase};
 
 use super::{Action, Child, Run, elapsed};
 use crate::children::{executor_index, executor_name};
-use crate::pods::{avoiding_nodes, executor_pod};
+use crate::pods::{
+    ANNOTATION_DELETION_COST, ANNOTATION_DO_NOT_DISRUPT, ANNOTATION_SAFE_TO_EVICT, avoiding_nodes,
+    executor_pod,
+};
 use crate::podstate::{self, LossReason};
 
 impl Run<'_, '_> {
@@ -309,14 +312,6 @@ impl Run<'_, '_> {
         );
     }
 }
-
-/// The cost of deleting the pod, which scale-down tools that honour it weigh: here, the
-/// outputs only it holds.
-pub const ANNOTATION_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
-/// Karpenter leaves a node with such a pod alone (no consolidation or drift replacement).
-pub const ANNOTATION_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
-/// The cluster autoscaler does not scale down a node with such a pod.
-pub const ANNOTATION_SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
 
 impl Run<'_, '_> {
     /// What gave notice that the executor pod is going, if anything did: a
