@@ -167,6 +167,12 @@ pub struct ExecutorsStatus {
     /// has its replacement.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<String>,
+    /// Executor pods the driver stopped hearing from while their node still looked healthy,
+    /// and since when. Each already has its replacement; the loss is settled as `NodeLost`
+    /// if the node turns out dead, else as `HeartbeatTimeout` (a hung process, which counts)
+    /// once the operator's `silenceSettleSeconds` pass.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unresponsive: BTreeMap<String, Time>,
     /// Executor pods that waited on spot capacity longer than
     /// `executors.spotFallback.afterSeconds` and were recreated on on-demand nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -59,6 +59,12 @@ pub struct OperatorConfig {
     /// move to other executors and their replacements start. The default covers Karpenter,
     /// the cluster autoscaler, GKE and the AWS node termination handler.
     pub disruption_taints: Vec<String>,
+    /// How long an executor the driver stopped hearing from, on a node that still looks
+    /// healthy, may wait for its node to be found lost (a free `NodeLost`) before the loss
+    /// is settled as `HeartbeatTimeout` (a hung process, which counts). Its replacement
+    /// starts at once either way. Keep it above the control plane's node monitor grace
+    /// period (40 s by default).
+    pub silence_settle_seconds: u64,
 }
 
 impl Default for OperatorConfig {
@@ -90,6 +96,7 @@ impl Default for OperatorConfig {
             image_pull_grace_seconds: 60,
             progress_interval_seconds: 3,
             max_replacement_backoff_seconds: 30,
+            silence_settle_seconds: 60,
             disruption_taints: [
                 "karpenter.sh/disrupted",
                 "karpenter.sh/disruption",

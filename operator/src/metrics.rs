@@ -179,13 +179,18 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a loss seen at `at` in job `key`.
-    pub fn executor_lost(&self, key: &str, reason: &str, at: Instant) {
+    /// Counts an executor loss by reason.
+    pub fn executor_lost(&self, reason: &str) {
         self.executor_losses
             .get_or_create(&ReasonLabel {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Records that an executor of job `key` stopped counting towards its width at `at`
+    /// (lost, given notice, or gone silent): its replacement's latency runs from then.
+    pub fn departed(&self, key: &str, at: Instant) {
         self.pending_losses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -224,7 +229,8 @@ mod tests {
         m.set_phase("ns/a", Some(JobPhase::Running));
         m.set_phase("ns/b", Some(JobPhase::Running));
         m.set_phase("ns/b", None);
-        m.executor_lost("ns/a", "Preempted", Instant::now());
+        m.executor_lost("Preempted");
+        m.departed("ns/a", Instant::now());
         m.replaced("ns/a");
         m.job_failed(FailureReason::InvalidSql);
         let text = m.encode();

@@ -332,7 +332,10 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
     });
     for (executor, reason) in &plan.losses {
         tracing::warn!(job = %key, executor, reason = reason.as_str(), "executor lost");
-        ctx.metrics.executor_lost(&key, reason.as_str(), started);
+        ctx.metrics.executor_lost(reason.as_str());
+    }
+    for _ in 0..plan.departures {
+        ctx.metrics.departed(&key, started);
     }
     carry_out(&job, &ns, ctx, &plan, &token).await?;
 

@@ -274,6 +274,21 @@ fn an_executor_the_driver_gave_up_on_is_replaced_before_the_control_plane_notice
         ..Default::default()
     });
     let plan = w.step(50);
+    // Replaced at once, but not yet a loss: its node may be found lost (a free NodeLost).
+    assert!(plan.losses.is_empty());
+    assert_eq!(reasons(&plan), ["ExecutorUnresponsive"]);
+    assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
+    assert!(plan.status.executors.unresponsive.contains_key("wc-exec-1"));
+    // The replacement keeps off the silent node, which the scheduler still thinks Ready.
+    let replacement = first_applied_pod(&plan);
+    let avoided = serde_json::to_string(&replacement.spec.unwrap().affinity).unwrap();
+    assert!(
+        avoided.contains(r#""key":"metadata.name","operator":"NotIn","values":["kiln-spot-1"]"#),
+        "{avoided}"
+    );
+    w.apply(&plan, 50);
+    // Its node stays healthy past the settle window: the silence was its own.
+    let plan = w.step(50 + w.config.silence_settle_seconds as i64);
     assert_eq!(
         plan.losses,
         [("wc-exec-1".to_string(), LossReason::HeartbeatTimeout)]
@@ -282,19 +297,13 @@ fn an_executor_the_driver_gave_up_on_is_replaced_before_the_control_plane_notice
         name: "wc-exec-1".into(),
         force: false
     }));
-    assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
-    // The replacement keeps off the silent node, which the scheduler still thinks Ready.
-    let replacement = first_applied_pod(&plan);
-    let avoided = serde_json::to_string(&replacement.spec.unwrap().affinity).unwrap();
-    assert!(
-        avoided.contains(r#""key":"metadata.name","operator":"NotIn","values":["kiln-spot-1"]"#),
-        "{avoided}"
-    );
+    assert!(applied_pods(&plan).is_empty());
     assert_eq!(plan.status.executors.lost_by_reason["HeartbeatTimeout"], 1);
     assert_eq!(plan.status.recovery.last_loss.as_deref(), Some("wc-exec-1"));
+    assert!(plan.status.executors.unresponsive.is_empty());
     // The next look finds the loss handled: nothing is reported twice.
-    w.apply(&plan, 50);
-    let again = w.step(51);
+    w.apply(&plan, 111);
+    let again = w.step(112);
     assert!(again.losses.is_empty());
     assert!(applied_pods(&again).is_empty());
     // A loss the driver learnt from the operator itself is not a heartbeat loss.

@@ -42,6 +42,7 @@ impl Run<'_, '_> {
         // node, which the scheduler may still think Ready.
         let mut suspect = BTreeSet::new();
         let mut draining = Vec::new();
+        let mut unresponsive = BTreeMap::new();
         for name in active {
             let pod = self
                 .obs
@@ -132,6 +133,7 @@ impl Run<'_, '_> {
                     suspect.extend(podstate::node(&pod).map(str::to_string));
                 }
                 if !was_draining {
+                    self.plan.departures += 1;
                     self.event(
                         false,
                         "ExecutorDraining",
@@ -149,15 +151,46 @@ impl Run<'_, '_> {
             } else if self.driver_gave_up_on(&name) {
                 suspect.extend(podstate::node(&pod).map(str::to_string));
                 // The driver already gave up on it: replace it now rather than run short
-                // until the control plane notices (its node may be gone without a word).
-                self.lose(
-                    &name,
-                    Some(&pod),
-                    LossReason::HeartbeatTimeout,
-                    false,
-                    "the driver stopped hearing from it".into(),
-                    driver_ip,
-                );
+                // until the control plane notices. Its node may be gone without a word yet
+                // (a free NodeLost, above, once the control plane says so); only a silence
+                // that outlasts the settle window is the executor's own (a hung process).
+                let since = self
+                    .old
+                    .executors
+                    .unresponsive
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| self.now());
+                let settle = Duration::from_secs(cfg.silence_settle_seconds);
+                let waited = elapsed(self.obs.now, &since);
+                if waited >= settle {
+                    self.lose(
+                        &name,
+                        Some(&pod),
+                        LossReason::HeartbeatTimeout,
+                        false,
+                        format!(
+                            "the driver stopped hearing from it and its node stayed healthy for {}s",
+                            waited.as_secs()
+                        ),
+                        driver_ip,
+                    );
+                } else {
+                    if !self.old.executors.unresponsive.contains_key(&name) {
+                        self.plan.departures += 1;
+                        self.event(
+                            true,
+                            "ExecutorUnresponsive",
+                            format!(
+                                "the driver stopped hearing from executor pod {name}: a replacement starts; the loss is settled once its node is found lost, or after {}s",
+                                settle.as_secs()
+                            ),
+                        );
+                    }
+                    self.requeue(settle - waited);
+                    unresponsive.insert(name.clone(), since);
+                    draining.push(name);
+                }
             } else if let Some((reason, message)) = podstate::stuck(&pod) {
                 self.stuck(&pod, &reason, &message);
                 if self.status.phase == JobPhase::Failed {
@@ -265,7 +298,11 @@ impl Run<'_, '_> {
         // Draining pods stay tracked (a replacement driver takes them over, a later look
         // settles how they went) but no longer count towards the desired width.
         live.extend(draining.iter().cloned());
-        e.draining = draining;
+        e.draining = draining
+            .into_iter()
+            .filter(|n| !unresponsive.contains_key(n))
+            .collect();
+        e.unresponsive = unresponsive;
         e.pods = live;
         self.status.executors.next_index = next;
         self.status.executors.running = running;
@@ -293,6 +330,10 @@ impl Run<'_, '_> {
         if let Some(p) = pod {
             let node_lost = self.node_lost(p);
             self.delete(p, node_lost);
+        }
+        let old = &self.old.executors;
+        if !old.draining.iter().any(|d| d == name) && !old.unresponsive.contains_key(name) {
+            self.plan.departures += 1;
         }
         let e = &mut self.status.executors;
         e.lost += 1;

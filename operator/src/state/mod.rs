@@ -106,6 +106,9 @@ pub struct Plan {
     pub losses: Vec<(String, LossReason)>,
     /// Executor pods created to replace lost ones.
     pub replacements: usize,
+    /// Executors that stopped counting towards the job's width in this pass (lost, given
+    /// notice, gone silent), each to be replaced.
+    pub departures: usize,
     /// Why the job failed, when this plan fails it.
     pub failure: Option<FailureReason>,
 }
@@ -157,6 +160,7 @@ impl Planner<'_> {
                 requeue: None,
                 losses: Vec::new(),
                 replacements: 0,
+                departures: 0,
                 failure: None,
             },
             state: None,

@@ -265,3 +265,39 @@ fn only_executors_holding_data_nobody_else_has_are_protected() {
         annotations: BTreeMap::new()
     }));
 }
+
+#[test]
+fn a_silence_settled_by_the_node_being_found_lost_costs_no_budget() {
+    let mut w = World::running();
+    w.job.spec.failure_policy.max_executor_losses = 0;
+    // The driver's heartbeat timeout is shorter than the control plane's node monitor.
+    w.progress = Some(JobStatusResponse {
+        lost_executors: vec![kiln_api::rpc::LostExecutor {
+            executor_id: "wc-exec-1".into(),
+            reason: "HeartbeatTimeout".into(),
+        }],
+        ..Default::default()
+    });
+    let plan = w.step(10);
+    assert!(plan.losses.is_empty());
+    assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
+    w.apply(&plan, 10);
+    w.set("wc-exec-2", |mut p| {
+        p.spec.as_mut().unwrap().node_name = Some("kiln-spot-2".into());
+        p
+    });
+    // Ten seconds on, the control plane marks the node lost.
+    w.lost_nodes.insert("kiln-spot-1".into());
+    w.set("wc-exec-0", |mut p| {
+        p.spec.as_mut().unwrap().node_name = Some("kiln-spot-2".into());
+        p
+    });
+    let plan = w.step(20);
+    assert_eq!(
+        plan.losses,
+        [("wc-exec-1".to_string(), LossReason::NodeLost)]
+    );
+    assert!(applied_pods(&plan).is_empty(), "replaced already");
+    assert_eq!(plan.status.phase, JobPhase::Running);
+    assert!(plan.status.executors.unresponsive.is_empty());
+}

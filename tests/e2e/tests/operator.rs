@@ -292,6 +292,8 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     let spec = pagerank(&dir(&work.join("out")), ITERATIONS)?;
     // The pods log at debug level (through the pod templates), for a failure's diagnosis.
     let mut chaos = job("chaos", &spec)?;
+    // A lost node is never the job's fault: not one loss of its own is allowed.
+    chaos.spec.failure_policy.max_executor_losses = 0;
     let debug: k8s_openapi::api::core::v1::EnvVar =
         serde_json::from_value(json!({"name": "RUST_LOG", "value": "info,kiln_executor=debug"}))?;
     chaos.spec.driver.template.env.push(debug.clone());
@@ -338,7 +340,14 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
             result.executors_lost,
             result.partitions_recomputed
         );
-        let lost_by_operator = s.executors.lost_by_reason.get("Preempted").copied().unwrap_or(0);
+        let lost_by_operator = s.executors.lost_by_reason.get("NodeLost").copied().unwrap_or(0);
+        for counted in ["Failed", "OOMKilled", "HeartbeatTimeout"] {
+            ensure!(
+                !s.executors.lost_by_reason.contains_key(counted),
+                "a {counted} loss for a lost node: {:?}",
+                s.executors
+            );
+        }
         let lost_by_driver: u64 = result.executors_lost.values().sum();
         ensure!(
             lost_by_operator >= 1 || lost_by_driver >= 1,
