@@ -255,6 +255,11 @@ impl Fleet {
             (Some(at), _) => (LossReason::Preempted, *at),
             (None, Some(at)) if clean => (LossReason::Drained, *at),
             (None, Some(at)) => (LossReason::Preempted, *at),
+            // The driver gave up on it while its process still ran: silent but alive, a
+            // hung process (here no node can be to blame).
+            (None, None) if self.settled.contains(&exit.id) => {
+                (LossReason::HeartbeatTimeout, exit.at)
+            }
             (None, None) => (LossReason::Failed, exit.at),
         };
         // Idempotent: an executor the driver already gave up on is not lost twice.
