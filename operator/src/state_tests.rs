@@ -216,12 +216,23 @@ fn an_evicted_executor_drains_while_its_replacement_starts() {
         ready_since
     );
     assert_eq!(reasons(&plan), ["ExecutorDraining"]);
-    // While it drains: no second replacement, no second event.
+    // While it drains: no second replacement, no second event, and once the driver lists
+    // it draining, no second notice.
     w.apply(&plan, 30);
+    w.progress = Some(JobStatusResponse {
+        draining: vec!["wc-exec-1".into()],
+        ..Default::default()
+    });
     let again = w.step(31);
     assert!(again.losses.is_empty());
     assert!(applied_pods(&again).is_empty());
     assert!(reasons(&again).is_empty());
+    assert!(
+        !again
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Decommission { .. }))
+    );
     // Its blocks moved, it left: a Drained loss, which costs no budget.
     w.progress = Some(JobStatusResponse {
         lost_executors: vec![kiln_api::rpc::LostExecutor {

@@ -54,7 +54,7 @@ impl Run<'_, '_> {
             let Some(pod) = pod else {
                 // Gone: drained (the driver says so), or deleted by someone else, which is
                 // never the job's fault.
-                let (reason, detail) = if self.driver_drained(&name) {
+                let (reason, detail) = if self.driver_lost_as(&name, LossReason::Drained) {
                     (LossReason::Drained, "it left after its blocks moved")
                 } else if was_draining {
                     (LossReason::Preempted, "it went before its blocks moved")
@@ -67,7 +67,10 @@ impl Run<'_, '_> {
             let node_lost = self.node_lost(&pod);
             let notice = self.notice(&pod);
             if podstate::phase(&pod) == "Succeeded" {
-                if was_draining || notice.is_some() || self.driver_drained(&name) {
+                if was_draining
+                    || notice.is_some()
+                    || self.driver_lost_as(&name, LossReason::Drained)
+                {
                     // Decommissioned: it exits 0 once its blocks have moved.
                     self.lose(
                         &name,
@@ -142,13 +145,20 @@ impl Run<'_, '_> {
                         ),
                     );
                 }
-                self.plan.actions.push(Action::Decommission {
-                    executor: name.clone(),
-                    cause,
-                    driver_ip: driver_ip.to_string(),
-                });
+                // Said until the driver lists it draining (a call can fail).
+                if !self
+                    .obs
+                    .progress
+                    .is_some_and(|p| p.draining.contains(&name))
+                {
+                    self.plan.actions.push(Action::Decommission {
+                        executor: name.clone(),
+                        cause,
+                        driver_ip: driver_ip.to_string(),
+                    });
+                }
                 draining.push(name);
-            } else if self.driver_gave_up_on(&name) {
+            } else if self.driver_lost_as(&name, LossReason::HeartbeatTimeout) {
                 suspect.extend(podstate::node(&pod).map(str::to_string));
                 // The driver already gave up on it: replace it now rather than run short
                 // until the control plane notices. Its node may be gone without a word yet
@@ -188,8 +198,7 @@ impl Run<'_, '_> {
                         );
                     }
                     self.requeue(settle - waited);
-                    unresponsive.insert(name.clone(), since);
-                    draining.push(name);
+                    unresponsive.insert(name, since);
                 }
             } else if let Some((reason, message)) = podstate::stuck(&pod) {
                 self.stuck(&pod, &reason, &message);
@@ -215,27 +224,19 @@ impl Run<'_, '_> {
             }
         }
         let spec = &self.obs.job.spec;
-        let counted: u32 = self
+        let own: Vec<(&String, &u32)> = self
             .status
             .executors
             .lost_by_reason
             .iter()
             .filter(|(r, _)| LossReason::parse(r).is_none_or(LossReason::counts_against_budget))
-            .map(|(_, n)| n)
-            .sum();
+            .collect();
+        let counted: u32 = own.iter().map(|(_, n)| **n).sum();
         if counted > spec.failure_policy.max_executor_losses {
+            let by_reason: Vec<String> = own.iter().map(|(r, n)| format!("{r}: {n}")).collect();
             let message = format!(
                 "{counted} executors lost to their own faults ({}), more than failurePolicy.maxExecutorLosses ({}); reclaims, drains and lost nodes do not count",
-                self.status
-                    .executors
-                    .lost_by_reason
-                    .iter()
-                    .filter(
-                        |(r, _)| LossReason::parse(r).is_none_or(LossReason::counts_against_budget)
-                    )
-                    .map(|(r, n)| format!("{r}: {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                by_reason.join(", "),
                 spec.failure_policy.max_executor_losses
             );
             self.fail(FailureReason::ExecutorLossesExceeded, message);
@@ -297,11 +298,9 @@ impl Run<'_, '_> {
         e.on_demand.retain(|n| live.contains(n));
         // Draining pods stay tracked (a replacement driver takes them over, a later look
         // settles how they went) but no longer count towards the desired width.
-        live.extend(draining.iter().cloned());
-        e.draining = draining
-            .into_iter()
-            .filter(|n| !unresponsive.contains_key(n))
-            .collect();
+        // So do the silent ones, until their loss is settled.
+        live.extend(draining.iter().chain(unresponsive.keys()).cloned());
+        e.draining = draining;
         e.unresponsive = unresponsive;
         e.pods = live;
         self.status.executors.next_index = next;
@@ -369,15 +368,6 @@ impl Run<'_, '_> {
             .noticed_nodes
             .get(node)
             .map(|taint| format!("taint {taint} on node {node}"))
-    }
-
-    /// Whether the driver says the executor left after its blocks moved.
-    fn driver_drained(&self, name: &str) -> bool {
-        self.obs.progress.is_some_and(|p| {
-            p.lost_executors.iter().any(|l| {
-                l.executor_id == name && LossReason::parse(&l.reason) == Some(LossReason::Drained)
-            })
-        })
     }
 
     /// Keeps voluntary disruptions (consolidation, scale-down) off executors that hold

@@ -274,13 +274,13 @@ impl Run<'_, '_> {
         });
     }
 
-    /// Whether the driver declared the executor `name` lost by heartbeat timeout.
-    pub(crate) fn driver_gave_up_on(&self, name: &str) -> bool {
+    /// Whether the driver lists the executor `name` as lost for `reason` (`HeartbeatTimeout`:
+    /// it gave up on it; `Drained`: it left after its blocks moved).
+    pub(crate) fn driver_lost_as(&self, name: &str, reason: LossReason) -> bool {
         self.obs.progress.is_some_and(|p| {
-            p.lost_executors.iter().any(|l| {
-                l.executor_id == name
-                    && LossReason::parse(&l.reason) == Some(LossReason::HeartbeatTimeout)
-            })
+            p.lost_executors
+                .iter()
+                .any(|l| l.executor_id == name && LossReason::parse(&l.reason) == Some(reason))
         })
     }
 

@@ -142,6 +142,27 @@ async fn check_placement(client: &Client, placements: &BTreeMap<String, String>)
     Ok(())
 }
 
+/// Waits until the PageRank job `name` has done its cached steps and a few iterations, and
+/// still runs.
+async fn few_iterations_done(client: &Client, ns: &str, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let driver = format!("{name}-driver");
+    let driver_ip = wait_for("the driver's address", Duration::from_secs(60), || async {
+        Ok(pods
+            .get_opt(&driver)
+            .await?
+            .and_then(|p| p.status?.pod_ip)
+            .filter(|ip| !ip.is_empty()))
+    })
+    .await?;
+    let token = token(client, ns, name).await?;
+    wait_for("a few iterations", Duration::from_secs(120), || async {
+        let p = driver_progress(&driver_ip, &token).await?;
+        Ok((p.stages_done >= 12 && p.stages_done < p.stages_total).then_some(()))
+    })
+    .await
+}
+
 /// Waits for job `name` to finish.
 async fn run_to_end(client: &Client, ns: &str, name: &str, want: JobPhase) -> Result<ComputeJob> {
     let api = Api::<ComputeJob>::namespaced(client.clone(), ns);
@@ -304,20 +325,7 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     // Wait until the cached steps and a few iterations are done, then kill the spot node of
     // one executor: it holds cached partitions and the map outputs of the running iteration.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let driver_ip = wait_for("the driver's address", Duration::from_secs(60), || async {
-        Ok(pods
-            .get_opt("chaos-driver")
-            .await?
-            .and_then(|p| p.status?.pod_ip)
-            .filter(|ip| !ip.is_empty()))
-    })
-    .await?;
-    let token = token(&client, &ns.name, "chaos").await?;
-    wait_for("a few iterations", Duration::from_secs(120), || async {
-        let p = driver_progress(&driver_ip, &token).await?;
-        Ok((p.stages_done >= 12 && p.stages_done < p.stages_total).then_some(()))
-    })
-    .await?;
+    few_iterations_done(&client, &ns.name, "chaos").await?;
     let victim_pod = pods.get("chaos-exec-0").await?;
     let victim = victim_pod
         .spec

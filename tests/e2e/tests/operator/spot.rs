@@ -12,12 +12,11 @@ use kube::Api;
 use kube::api::EvictParams;
 
 use kiln_e2e::operator::{
-    Operator, apply_crds, create_job, csv_rows, driver_progress, job, run_locally, scratch, token,
-    wait_finished,
+    Operator, apply_crds, create_job, csv_rows, job, run_locally, scratch, wait_finished,
 };
 use kiln_e2e::{TestNamespace, client, kubectl, serial, wait_for};
 
-use super::{CONFIG, dir, pagerank, run_to_end, wordcount};
+use super::{CONFIG, dir, few_iterations_done, pagerank, run_to_end, wordcount};
 
 /// The taint Karpenter puts on a node it is about to take away.
 const DISRUPTED: &str = "karpenter.sh/disrupted";
@@ -50,20 +49,7 @@ async fn executors_given_notice_move_their_blocks_and_cost_no_budget() -> Result
     create_job(&client, &ns.name, &drain).await?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let driver_ip = wait_for("the driver's address", Duration::from_secs(60), || async {
-        Ok(pods
-            .get_opt("drain-driver")
-            .await?
-            .and_then(|p| p.status?.pod_ip)
-            .filter(|ip| !ip.is_empty()))
-    })
-    .await?;
-    let token = token(&client, &ns.name, "drain").await?;
-    wait_for("a few iterations", Duration::from_secs(120), || async {
-        let p = driver_progress(&driver_ip, &token).await?;
-        Ok((p.stages_done >= 12 && p.stages_done < p.stages_total).then_some(()))
-    })
-    .await?;
+    few_iterations_done(&client, &ns.name, "drain").await?;
 
     // An eviction (what `kubectl drain` and Karpenter's interruption handling do).
     let evicted_at = Instant::now();
