@@ -197,13 +197,18 @@ pub struct ExecutorsStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryStatus {
+    /// Task outputs still needed that were lost with executors (not moved off in time), so
+    /// recomputed from their lineage.
+    #[serde(default)]
+    pub partitions_lost: u64,
     /// Task attempts that recomputed a partition lost with an executor.
     #[serde(default)]
     pub partitions_recomputed: u64,
     /// The executor pod lost last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_loss: Option<String>,
-    /// Why it was lost: `Preempted` or `Failed`.
+    /// Why it was lost: `Drained`, `Preempted`, `NodeLost`, `Failed`, `OOMKilled` or
+    /// `HeartbeatTimeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_loss_reason: Option<String>,
     /// When the operator handled that loss.
@@ -220,12 +225,12 @@ pub struct RecoveryStatus {
     /// executors, instead of being recomputed.
     #[serde(default)]
     pub partitions_migrated: u64,
-    /// For the last executor loss: milliseconds from when it happened to when the driver
-    /// knew of it.
+    /// For the last executor loss (or notice, for a drained executor): milliseconds from when
+    /// it happened to when the driver knew of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_detect_ms: Option<u64>,
-    /// For the last executor loss: milliseconds from when it happened until the job ran at
-    /// full width again (unset until it did).
+    /// For the last executor loss (or notice): milliseconds from when it happened until as
+    /// many executors took tasks as before (unset until they did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recover_ms: Option<u64>,
 }
@@ -274,6 +279,9 @@ pub struct JobResult {
     /// Task outputs moved off decommissioned executors instead of being recomputed.
     #[serde(default)]
     pub partitions_migrated: u64,
+    /// Task outputs still needed that were lost with executors, so recomputed.
+    #[serde(default)]
+    pub partitions_lost: u64,
     /// Executors the driver saw lost, by reason.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub executors_lost: BTreeMap<String, u64>,
@@ -300,6 +308,7 @@ impl From<DriverReport> for JobResult {
             attempts: r.attempts,
             partitions_recomputed: r.partitions_recomputed,
             partitions_migrated: r.partitions_migrated,
+            partitions_lost: r.partitions_lost,
             executors_lost: r.executors_lost,
             rows: r.rows,
             files: r.files,

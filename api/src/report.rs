@@ -41,6 +41,9 @@ pub struct DriverReport {
     /// Task outputs moved off decommissioned executors instead of being recomputed.
     #[serde(default)]
     pub partitions_migrated: u64,
+    /// Task outputs still needed that were lost with executors, so recomputed.
+    #[serde(default)]
+    pub partitions_lost: u64,
     /// Executors lost, by reason (a [`crate::LossReason`] name).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub executors_lost: BTreeMap<String, u64>,

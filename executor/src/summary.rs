@@ -184,6 +184,7 @@ impl JobSummary {
             attempts: self.totals.attempts,
             partitions_recomputed: self.totals.recomputed,
             partitions_migrated: self.recovery.partitions_migrated,
+            partitions_lost: self.recovery.outputs_lost,
             executors_lost: self.recovery.executors_lost.clone(),
             rows: self.output.as_ref().map_or(0, |o| o.rows),
             files: self.output.as_ref().map_or(0, |o| o.files),

@@ -2,6 +2,7 @@
 //! a cluster.
 #![forbid(unsafe_code)]
 
+mod chaos;
 mod crd;
 mod operator;
 mod progress;
@@ -42,6 +43,9 @@ enum Command {
     Crd(crd::CrdArgs),
     /// Run the Kubernetes operator: reconciles ComputeJobs into driver and executor pods.
     Operator(operator::OperatorArgs),
+    /// Drain or kill the node of an executor of a running ComputeJob (kubeconfig as
+    /// kubectl), follow the job to its end and print its recovery report.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,6 +100,10 @@ fn main() -> std::process::ExitCode {
             Command::Operator(args) => {
                 operator::init_tracing(&args.log_format);
                 operator::operator(args).await
+            }
+            Command::Chaos(args) => {
+                init_tracing("warn");
+                chaos::chaos(args).await
             }
             Command::Tpch(args) => {
                 init_tracing("warn");

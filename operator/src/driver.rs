@@ -66,13 +66,15 @@ pub trait DriverApi: Send + Sync {
         token: &str,
     ) -> Result<JobStatusResponse, DriverCallError>;
 
-    /// Gives the driver notice that `executor` is going (`cause` says why); returns whether
-    /// the driver knew it (and drains it).
+    /// Gives the driver notice that `executor` is going (`cause` says why, given at
+    /// `occurred_unix_ms`, 0 when unknown); returns whether the driver knew it (and drains
+    /// it).
     async fn decommission(
         &self,
         driver_ip: &str,
         executor: &str,
         cause: &str,
+        occurred_unix_ms: u64,
         token: &str,
     ) -> Result<bool, DriverCallError>;
 }
@@ -150,6 +152,7 @@ impl DriverApi for GrpcDriver {
         driver_ip: &str,
         executor: &str,
         cause: &str,
+        occurred_unix_ms: u64,
         token: &str,
     ) -> Result<bool, DriverCallError> {
         let response = self
@@ -158,6 +161,7 @@ impl DriverApi for GrpcDriver {
                 executor_id: executor.to_string(),
                 cause: cause.to_string(),
                 token: token.to_string(),
+                occurred_unix_ms,
             })
             .await
             .map_err(call_failed("Decommission", driver_ip))?;

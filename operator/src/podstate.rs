@@ -95,6 +95,11 @@ pub fn ended_at(pod: &Pod) -> Option<Timestamp> {
     if let Some(t) = terminated(pod).and_then(|t| t.finished_at.as_ref()) {
         return Some(t.0);
     }
+    disrupted_at(pod)
+}
+
+/// When the control plane marked the pod for disruption, if it did and says when.
+fn disrupted_at(pod: &Pod) -> Option<Timestamp> {
     pod.status
         .as_ref()?
         .conditions
@@ -104,6 +109,20 @@ pub fn ended_at(pod: &Pod) -> Option<Timestamp> {
         .last_transition_time
         .as_ref()
         .map(|t| t.0)
+}
+
+/// When the pod was given notice, if it says: its `DisruptionTarget` condition, else its
+/// deletion (the deletion timestamp less the grace period it was given).
+pub fn notice_at(pod: &Pod) -> Option<Timestamp> {
+    if let Some(t) = disrupted_at(pod) {
+        return Some(t);
+    }
+    let deleted = pod.metadata.deletion_timestamp.as_ref()?;
+    let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0);
+    deleted
+        .0
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+        .ok()
 }
 
 /// How long the first container ran before it ended (None when unknown).
@@ -208,4 +227,28 @@ pub fn requests(pod: &Pod) -> (u64, u64) {
         .and_then(|q| kiln_api::parse_memory(&q.0).ok())
         .unwrap_or(0);
     (cpu, memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::testing::{at, evicted};
+
+    #[test]
+    fn notice_is_the_disruption_condition_else_the_deletion_less_its_grace() {
+        let mut pod = Pod::default();
+        assert_eq!(notice_at(&pod), None);
+        // Deleted with 30 s of grace: the deletion timestamp is when the grace ends.
+        pod.metadata.deletion_timestamp = Some(Time(at(130)));
+        pod.metadata.deletion_grace_period_seconds = Some(30);
+        assert_eq!(notice_at(&pod), Some(at(100)));
+        // An eviction's condition says when the control plane decided.
+        let mut pod = evicted(pod, 130);
+        for c in pod.status.as_mut().unwrap().conditions.as_mut().unwrap() {
+            c.last_transition_time = Some(Time(at(95)));
+        }
+        assert_eq!(notice_at(&pod), Some(at(95)));
+    }
 }

@@ -458,11 +458,12 @@ async fn carry_out(
                 executor,
                 cause,
                 driver_ip,
+                occurred_unix_ms,
             } => {
                 // The executor's own SIGTERM, or the loss once it goes, covers a failed call.
                 if let Err(e) = ctx
                     .driver
-                    .decommission(driver_ip, executor, cause, token)
+                    .decommission(driver_ip, executor, cause, *occurred_unix_ms, token)
                     .await
                 {
                     ctx.metrics.error("DriverRpc");

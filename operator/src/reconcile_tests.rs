@@ -66,6 +66,7 @@ impl DriverApi for FakeDriver {
         driver_ip: &str,
         executor: &str,
         cause: &str,
+        _occurred_unix_ms: u64,
         token: &str,
     ) -> Result<bool, DriverCallError> {
         self.calls.lock().unwrap().push(format!(

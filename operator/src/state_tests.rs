@@ -199,6 +199,8 @@ fn an_evicted_executor_drains_while_its_replacement_starts() {
         executor: "wc-exec-1".into(),
         cause: "DisruptionTarget".into(),
         driver_ip: "10.244.3.2".into(),
+        // Evicted at 30 s (no grace): the job runs short from then.
+        occurred_unix_ms: 1_700_000_030_000,
     }));
     assert!(
         !plan

@@ -106,15 +106,18 @@ pub(crate) struct StageInfo {
     pub counters: StageCounters,
 }
 
-/// When a loss happened, was seen, and was made good.
+/// When a loss happened, was seen, and was made good. A drained executor's starts with
+/// its notice: the job runs short from then, not from when it finally leaves.
 #[derive(Clone, Debug)]
 struct LossTiming {
+    /// The executor lost (or given notice).
+    executor: ExecutorId,
     /// When the executor went, if known (a kill the runner made, a pod's deletion, the last
-    /// heartbeat of a silent executor).
+    /// heartbeat of a silent executor, the notice of a drained one).
     occurred: Option<Instant>,
     /// When the driver declared it lost.
     detected: Instant,
-    /// Live executors just before the loss.
+    /// Executors taking tasks just before the loss.
     width_before: usize,
     /// When as many executors were live again.
     full_width: Option<Instant>,
@@ -393,8 +396,10 @@ impl DriverCore {
         now: Instant,
     ) {
         tracing::warn!(executor, reason = reason.as_str(), "executor lost");
+        // A drained executor's timing began with its notice.
+        let timed = self.is_draining(executor);
         self.drop_drains_of(executor);
-        let width_before = self.live_width();
+        let width_before = self.serving_width();
         let events = if silent {
             self.sched.executor_silent(executor)
         } else {
@@ -402,12 +407,15 @@ impl DriverCore {
         };
         // Copies that were going to it go to another target.
         self.place_migrations();
-        self.loss_timings.push(LossTiming {
-            occurred,
-            detected: now,
-            width_before,
-            full_width: None,
-        });
+        if !timed {
+            self.loss_timings.push(LossTiming {
+                executor: executor.to_string(),
+                occurred,
+                detected: now,
+                width_before,
+                full_width: None,
+            });
+        }
         self.outbox.push(Progress::ExecutorLost {
             executor: executor.to_string(),
             reason: reason.as_str().to_string(),
@@ -570,6 +578,14 @@ impl DriverCore {
             .count()
     }
 
+    /// Live executors taking tasks: those not draining.
+    fn serving_width(&self) -> usize {
+        self.sched
+            .executors()
+            .filter(|e| !self.departed.contains(*e) && !self.sched.is_draining(e))
+            .count()
+    }
+
     /// Live executors, with how many outputs still needed each holds.
     pub fn outputs_held(&self) -> BTreeMap<ExecutorId, usize> {
         let mut held = self.sched.needed_outputs_by_executor();
@@ -618,6 +634,7 @@ impl DriverCore {
             })
             .collect();
         status.partitions_migrated = self.partitions_migrated();
+        status.partitions_lost = self.sched.outputs_lost();
         status.holding = self
             .outputs_held()
             .into_iter()
@@ -631,7 +648,10 @@ impl DriverCore {
         if let Some(t) = self.loss_timings.last() {
             let ms = |d: Duration| d.as_millis() as u64;
             let from = t.occurred.unwrap_or(t.detected);
-            status.last_detect_ms = ms(t.detected.saturating_duration_since(from));
+            // 0 when unknown; a known detection takes at least 1 ms.
+            status.last_detect_ms = t
+                .occurred
+                .map_or(0, |o| ms(t.detected.saturating_duration_since(o)).max(1));
             status.last_recover_ms = t
                 .full_width
                 .map_or(0, |f| ms(f.saturating_duration_since(from)).max(1));
@@ -711,11 +731,19 @@ impl DriverCore {
             stages_resumed: self.stages_resumed(),
             ..Default::default()
         };
-        for (loss, t) in self.sched.losses().iter().zip(&self.loss_timings) {
+        for loss in self.sched.losses() {
             *recovery
                 .executors_lost
                 .entry(loss.reason.as_str().to_string())
                 .or_default() += 1;
+            let Some(t) = self
+                .loss_timings
+                .iter()
+                .rev()
+                .find(|t| t.executor == loss.executor)
+            else {
+                continue;
+            };
             recovery.losses.push(LossSummary {
                 executor: loss.executor.clone(),
                 reason: loss.reason.as_str().to_string(),
@@ -734,7 +762,7 @@ impl DriverCore {
 
     /// Marks losses made good once as many executors are live as before them.
     fn note_width(&mut self, now: Instant) {
-        let width = self.live_width();
+        let width = self.serving_width();
         for t in &mut self.loss_timings {
             if t.full_width.is_none() && width >= t.width_before {
                 t.full_width = Some(now);

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::{DriverCore, ExecutorId, LossReason, Progress, TaskId};
+use super::{DriverCore, ExecutorId, LossReason, LossTiming, Progress, TaskId};
 
 /// The longest a drain waits for its copies before the executor is told to leave.
 pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
@@ -64,18 +64,33 @@ impl DriverCore {
     /// `executor` was given notice (`cause`: what said so). It takes no more tasks; its
     /// running tasks are resubmitted elsewhere without counting as failures; the outputs
     /// still needed that only it holds are shared out to the other live executors, most
-    /// urgent first, spreading them over the targets holding least. Returns whether the
+    /// urgent first, spreading them over the targets holding least. `occurred`: when the
+    /// notice was given, if known (the job runs short from then). Returns whether the
     /// executor was live.
-    pub fn decommission(&mut self, executor: &str, cause: &str, now: Instant) -> bool {
+    pub fn decommission(
+        &mut self,
+        executor: &str,
+        cause: &str,
+        occurred: Option<Instant>,
+        now: Instant,
+    ) -> bool {
         if self.drains.draining.contains_key(executor) {
             return true;
         }
         let Some(address) = self.sched.address(executor).map(str::to_string) else {
             return false;
         };
+        let width_before = self.serving_width();
         let Some(outputs) = self.sched.decommission(executor) else {
             return false;
         };
+        self.loss_timings.push(LossTiming {
+            executor: executor.to_string(),
+            occurred: occurred.map(|o| o.min(now)),
+            detected: now,
+            width_before,
+            full_width: None,
+        });
         tracing::warn!(
             executor,
             cause,
@@ -229,6 +244,11 @@ impl DriverCore {
                 d.unplaced.push(task);
             }
         }
+    }
+
+    /// Whether `executor` is being drained.
+    pub(super) fn is_draining(&self, executor: &str) -> bool {
+        self.drains.draining.contains_key(executor)
     }
 
     /// Executors being drained.

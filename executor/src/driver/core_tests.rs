@@ -480,8 +480,11 @@ fn a_drained_executor_hands_its_outputs_over_and_leaves_counting_nothing() {
         "the map outputs live on a"
     );
     core.take_progress();
-    assert!(core.decommission("a", "test", now));
-    assert!(!core.decommission("z", "test", now), "no such executor");
+    assert!(core.decommission("a", "test", None, now));
+    assert!(
+        !core.decommission("z", "test", None, now),
+        "no such executor"
+    );
     assert_eq!(
         core.poll("a", 0, &none(), false, now),
         PollAnswer::Wait,
@@ -544,7 +547,7 @@ fn copies_to_a_lost_executor_go_to_the_next_one_to_register() {
     let mut core = job(now);
     core.register("c", "c:1", &[], None, now);
     assert_eq!(run_round(&mut core, "a", now), 2);
-    assert!(core.decommission("a", "test", now));
+    assert!(core.decommission("a", "test", None, now));
     core.lose("b", LossReason::Preempted, None, now);
     core.lose("c", LossReason::Preempted, None, now);
     assert_ne!(
@@ -560,4 +563,38 @@ fn copies_to_a_lost_executor_go_to_the_next_one_to_register() {
         }
         other => panic!("expected the copies, got {other:?}"),
     }
+}
+
+#[test]
+fn a_drain_is_timed_from_its_notice_to_its_replacement() {
+    let now = Instant::now();
+    let mut core = job(now);
+    assert_eq!(run_round(&mut core, "a", now), 2);
+    // Notice given 2 s before the driver heard of it.
+    let heard = now + Duration::from_secs(2);
+    assert!(core.decommission("a", "test", Some(now), heard));
+    let status = core.job_status();
+    assert_eq!(status.last_detect_ms, 2000);
+    assert_eq!(
+        status.last_recover_ms, 0,
+        "a takes no tasks, none took its place"
+    );
+    // The replacement registers while a still drains: the job is back at full width.
+    let replaced = now + Duration::from_secs(5);
+    core.register("c", "c:1", &[], None, replaced);
+    assert_eq!(core.job_status().last_recover_ms, 5000);
+    // a leaves; its loss keeps the timing of its notice.
+    core.lose("a", LossReason::Drained, None, now + Duration::from_secs(9));
+    let summary = core.summary(&kiln_api::JobSpec::default());
+    let loss = &summary.recovery.losses[0];
+    assert_eq!(
+        (
+            loss.executor.as_str(),
+            loss.detection_ms,
+            loss.full_width_ms
+        ),
+        ("a", Some(2000), Some(5000))
+    );
+    assert_eq!(summary.recovery.losses.len(), 1);
+    assert_eq!(core.job_status().last_recover_ms, 5000);
 }

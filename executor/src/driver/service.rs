@@ -243,7 +243,7 @@ impl rpc::driver_server::Driver for DriverService {
             let answer = self.shared.act(|s| {
                 if req.draining && round == 0 {
                     s.core
-                        .decommission(&req.executor_id, "SIGTERM", Instant::now());
+                        .decommission(&req.executor_id, "SIGTERM", None, Instant::now());
                 }
                 let answer = s.core.poll(
                     &req.executor_id,
@@ -372,9 +372,10 @@ impl rpc::driver_server::Driver for DriverService {
     ) -> Result<Response<rpc::DecommissionResponse>, Status> {
         let req = request.into_inner();
         self.shared.check_token(&req.token)?;
+        let occurred = instant_of_unix_ms(req.occurred_unix_ms);
         let known = self.shared.act(|s| {
             s.core
-                .decommission(&req.executor_id, &req.cause, Instant::now())
+                .decommission(&req.executor_id, &req.cause, occurred, Instant::now())
         });
         Ok(Response::new(rpc::DecommissionResponse { known }))
     }

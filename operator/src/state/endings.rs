@@ -61,7 +61,10 @@ impl Run<'_, '_> {
         p.tasks = result.tasks;
         p.tasks_done = result.tasks;
         p.summary = format!("{}/{}", result.tasks, result.tasks);
-        self.status.recovery.partitions_recomputed = result.partitions_recomputed;
+        let recovery = &mut self.status.recovery;
+        recovery.partitions_recomputed = result.partitions_recomputed;
+        recovery.partitions_migrated = result.partitions_migrated;
+        recovery.partitions_lost = result.partitions_lost;
         self.status.result = Some(result);
         self.status.phase = JobPhase::Succeeded;
         let (generation, now) = (self.obs.job.metadata.generation, self.now());

@@ -151,10 +151,14 @@ impl Run<'_, '_> {
                     .progress
                     .is_some_and(|p| p.draining.contains(&name))
                 {
+                    let occurred = podstate::notice_at(&pod)
+                        .filter(|t| *t <= self.obs.now)
+                        .map_or(0, |t| u64::try_from(t.as_millisecond()).unwrap_or_default());
                     self.plan.actions.push(Action::Decommission {
                         executor: name.clone(),
                         cause,
                         driver_ip: driver_ip.to_string(),
+                        occurred_unix_ms: occurred,
                     });
                 }
                 draining.push(name);

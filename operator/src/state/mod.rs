@@ -58,6 +58,8 @@ pub enum Action {
         /// What gave notice (`DisruptionTarget`, `deleted`, a taint's key).
         cause: String,
         driver_ip: String,
+        /// When the notice was given, if the pod says (Unix milliseconds, 0: unknown).
+        occurred_unix_ms: u64,
     },
     /// Set the annotations that tell the cluster autoscaler and Karpenter what an executor
     /// pod holds (server-side apply under their own field manager: keys left out go).
@@ -490,9 +492,12 @@ impl Run<'_, '_> {
                     let recovery = &mut self.status.recovery;
                     recovery.partitions_recomputed = p.partitions_recomputed;
                     recovery.partitions_migrated = p.partitions_migrated;
-                    // Zero: no loss yet (a replacement driver knows none), or not recovered yet.
-                    if p.last_detect_ms > 0 {
-                        recovery.last_detect_ms = Some(p.last_detect_ms);
+                    recovery.partitions_lost = p.partitions_lost;
+                    // Zero: no loss yet (a replacement driver knows none), unknown (when a
+                    // notice was given), or not recovered yet.
+                    if p.last_detect_ms > 0 || p.last_recover_ms > 0 {
+                        recovery.last_detect_ms =
+                            (p.last_detect_ms > 0).then_some(p.last_detect_ms);
                         recovery.last_recover_ms =
                             (p.last_recover_ms > 0).then_some(p.last_recover_ms);
                     }

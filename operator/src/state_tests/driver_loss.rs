@@ -104,6 +104,7 @@ fn a_killed_driver_is_replaced_by_one_that_takes_over_its_executors() {
         executor: "wc-exec-1".into(),
         cause: "DisruptionTarget".into(),
         driver_ip: "10.244.3.9".into(),
+        occurred_unix_ms: 1_700_000_030_000,
     }));
     assert_eq!(applied_pods(&plan), ["wc-exec-2"]);
     let replacement = first_applied_pod(&plan);

@@ -56,9 +56,14 @@ fn a_disruption_taint_drains_the_executors_on_its_node() {
         .iter()
         .filter_map(|a| match a {
             Action::Decommission {
-                executor, cause, ..
+                executor,
+                cause,
+                occurred_unix_ms,
+                ..
             } => {
                 assert_eq!(cause, "taint karpenter.sh/disrupted on node kiln-spot-1");
+                // The taint's time is not the pod's to say.
+                assert_eq!(*occurred_unix_ms, 0);
                 Some(executor.as_str())
             }
             _ => None,

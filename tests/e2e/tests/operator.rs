@@ -17,8 +17,8 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use kiln_e2e::operator::{
-    Operator, apply_crds, create_job, csv_rows, driver_progress, job, run_locally, scratch, token,
-    tpch, wait_finished,
+    Operator, apply_crds, create_job, csv_rows, driver_progress, job, kiln, run_locally, scratch,
+    token, tpch, wait_finished,
 };
 use kiln_e2e::{
     PodWatch, TestNamespace, agent_control, client, kubectl, node_capacity_types, node_ready, repo,
@@ -324,15 +324,33 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
 
     // Wait until the cached steps and a few iterations are done, then kill the spot node of
     // one executor: it holds cached partitions and the map outputs of the running iteration.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     few_iterations_done(&client, &ns.name, "chaos").await?;
-    let victim_pod = pods.get("chaos-exec-0").await?;
-    let victim = victim_pod
-        .spec
-        .and_then(|s| s.node_name)
-        .context("exec-0 has no node")?;
+    // `kiln chaos` kills the node (through the node agent, as a cloud CLI would stop a
+    // machine), follows the job to its end and reports what the loss cost.
     let killed_at = Instant::now();
-    agent_control("POST", &format!("/nodes/{victim}/kill")).await?;
+    let report = kiln(&[
+        "chaos",
+        "chaos",
+        "kill",
+        "--namespace",
+        &ns.name,
+        "--executor",
+        "0",
+        "--command",
+        r#"curl -fsS -X POST "$KILN_NODE_AGENT_CONTROL/nodes/$KILN_NODE/kill""#,
+        "--json",
+    ])
+    .await;
+    let report: serde_json::Value = match report {
+        Ok(out) => serde_json::from_str(&out).with_context(|| format!("report: {out}"))?,
+        Err(e) => return Err(e.context(op.logs())),
+    };
+    eprintln!("kiln chaos report: {report:#}");
+    let victim = report["node"]
+        .as_str()
+        .context("no node in the report")?
+        .to_string();
+    ensure!(report["executor"] == "chaos-exec-0", "{report}");
 
     let outcome = async {
         let done = run_to_end(&client, &ns.name, "chaos", JobPhase::Succeeded)
@@ -367,7 +385,16 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
             "no partition recomputed: {:?} / {result:?}",
             s.recovery
         );
-        ensure!(s.recovery.last_loss.as_deref() == Some("chaos-exec-0") || s.recovery.last_loss.is_some());
+        ensure!(s.recovery.last_loss.is_some(), "{:?}", s.recovery);
+        // The report says what the loss cost, as the status does.
+        ensure!(report["phase"] == "Succeeded", "{report}");
+        ensure!(
+            report["executorsLost"]["NodeLost"].as_u64() >= Some(1)
+                && report["partitionsLost"].as_u64() > Some(0)
+                && report["partitionsRecomputed"].as_u64() > Some(0),
+            "{report}"
+        );
+        ensure!(report["detectMs"].is_u64() && report["recoverMs"].is_u64(), "{report}");
         // Every executor, replacements included, ran on a spot node, and no replacement
         // went to the dead node while the scheduler still thought it Ready.
         let placements = watch.placements();

@@ -1,5 +1,6 @@
-//! Spot capacity on the test cluster: an evicted executor and one on a node given a
-//! disruption taint move their blocks to other executors and cost the job no budget; with
+//! Spot capacity on the test cluster: executors on a node `kubectl drain`ed and one on a
+//! node given a disruption taint move their blocks to other executors and cost the job no
+//! budget; with
 //! the spot nodes cordoned, executors fall back to on-demand nodes; a request no node can
 //! hold fails the job at once, naming the field.
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kiln_api::crd::CONDITION_SPOT_FALLBACK;
 use kiln_api::{ComputeJob, FailureReason, JobPhase, SpotFallback};
 use kube::Api;
-use kube::api::EvictParams;
+use kube::api::ListParams;
 
 use kiln_e2e::operator::{
     Operator, apply_crds, create_job, csv_rows, job, run_locally, scratch, wait_finished,
@@ -20,6 +21,15 @@ use super::{CONFIG, dir, few_iterations_done, pagerank, run_to_end, wordcount};
 
 /// The taint Karpenter puts on a node it is about to take away.
 const DISRUPTED: &str = "karpenter.sh/disrupted";
+
+/// The node an executor pod runs on.
+async fn node_of(pods: &Api<Pod>, name: &str) -> Result<String> {
+    pods.get(name)
+        .await?
+        .spec
+        .and_then(|s| s.node_name)
+        .with_context(|| format!("{name} has no node"))
+}
 
 async fn status_of(
     client: &kube::Client,
@@ -51,11 +61,25 @@ async fn executors_given_notice_move_their_blocks_and_cost_no_budget() -> Result
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     few_iterations_done(&client, &ns.name, "drain").await?;
 
-    // An eviction (what `kubectl drain` and Karpenter's interruption handling do).
-    let evicted_at = Instant::now();
-    pods.evict("drain-exec-0", &EvictParams::default())
-        .await
-        .context("evicting drain-exec-0")?;
+    // `kubectl drain` of the spot node of the first executor, with GCP's 30 s of notice:
+    // every executor pod there is evicted (its blocks move), and it waits for them to go.
+    let first = node_of(&pods, "drain-exec-0").await?;
+    let drained_at = Instant::now();
+    let drained = kubectl(&[
+        "drain",
+        &first,
+        "--grace-period",
+        "30",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--timeout",
+        "120s",
+    ])
+    .await;
+    // The node comes back for the replacements either way.
+    kubectl(&["uncordon", &first]).await?;
+    drained.context("kubectl drain")?;
+    eprintln!("kubectl drain of {first} took {:?}", drained_at.elapsed());
     wait_for("drain-exec-0 drained", Duration::from_secs(90), || async {
         let s = status_of(&client, &ns.name, "drain").await?;
         ensure!(
@@ -68,18 +92,24 @@ async fn executors_given_notice_move_their_blocks_and_cost_no_budget() -> Result
             .then_some(()))
     })
     .await?;
-    eprintln!(
-        "drain-exec-0 drained {:?} after its eviction",
-        evicted_at.elapsed()
-    );
 
-    // A disruption taint on the node of the other first executor.
-    let victim = pods
-        .get("drain-exec-1")
-        .await?
-        .spec
-        .and_then(|s| s.node_name)
-        .context("drain-exec-1 has no node")?;
+    // A disruption taint on the node of an executor still running on the other node.
+    let victim = wait_for(
+        "an executor off the drained node",
+        Duration::from_secs(60),
+        || async {
+            let on_other = pods
+                .list(&ListParams::default().labels("kiln.dev/job=drain,kiln.dev/role=executor"))
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| kiln_e2e::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| p.spec?.node_name)
+                .find(|n| *n != first);
+            Ok(on_other)
+        },
+    )
+    .await?;
     kubectl(&[
         "taint",
         "nodes",
@@ -108,6 +138,18 @@ async fn executors_given_notice_move_their_blocks_and_cost_no_budget() -> Result
             .copied()
             .unwrap_or(0);
         ensure!(drained >= 2, "not both drained: {:?}", s.executors);
+        // Nearly everything moved; how long the job ran short is known.
+        ensure!(
+            result.partitions_recomputed * 10 <= result.partitions_migrated,
+            "recomputed {} against {} migrated",
+            result.partitions_recomputed,
+            result.partitions_migrated
+        );
+        ensure!(
+            s.recovery.last_recover_ms.is_some(),
+            "no time to recover from the drains: {:?}",
+            s.recovery
+        );
         ensure!(
             result.partitions_migrated > 0 && s.recovery.partitions_migrated > 0,
             "no block moved: {result:?}"
