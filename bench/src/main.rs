@@ -39,6 +39,10 @@ struct TpchArgs {
     /// `shufflePartitions` of each Kiln job.
     #[arg(long, default_value_t = 16)]
     shuffle_partitions: u32,
+    /// `executors.memory` of each Kiln job (default: the spec's default, 2Gi); hash joins
+    /// do not spill, so larger scales need more.
+    #[arg(long)]
+    executor_memory: Option<String>,
     /// When the failure peers strike, as a `kiln run --chaos` point: `at=50%` (half of the
     /// first shuffle stage) or `after-stage=4`.
     #[arg(long, default_value = "at=50%")]
@@ -123,6 +127,7 @@ fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Bo
                 kiln,
                 data,
                 args.executors,
+                args.executor_memory.as_deref(),
                 args.shuffle_partitions,
                 &args.kill_at,
                 match name {

@@ -69,6 +69,7 @@ pub struct KilnPeer {
     binary: PathBuf,
     data: PathBuf,
     executors: u32,
+    executor_memory: Option<String>,
     shuffle_partitions: u32,
     scratch: PathBuf,
     failure: Failure,
@@ -85,6 +86,7 @@ impl KilnPeer {
         binary: &Path,
         data: &Path,
         executors: u32,
+        executor_memory: Option<&str>,
         shuffle_partitions: u32,
         kill_at: &str,
         failure: Failure,
@@ -95,6 +97,7 @@ impl KilnPeer {
             binary: binary.to_path_buf(),
             data: data.to_path_buf(),
             executors,
+            executor_memory: executor_memory.map(str::to_string),
             shuffle_partitions,
             scratch,
             failure,
@@ -115,9 +118,13 @@ impl KilnPeer {
                 })
             })
             .collect();
+        let mut executors = serde_json::json!({"count": self.executors});
+        if let Some(m) = &self.executor_memory {
+            executors["memory"] = m.as_str().into();
+        }
         serde_json::json!({
             "shufflePartitions": self.shuffle_partitions,
-            "executors": {"count": self.executors},
+            "executors": executors,
             "inputs": inputs,
             "steps": [{"name": query.name, "sql": query.sql}],
             "output": {"uri": out.display().to_string(), "format": "parquet"},
