@@ -501,8 +501,9 @@ async fn work_loop(
         while copies.try_join_next().is_some() {}
         let is_draining = draining.is_given();
         if is_draining && !drained_tasks {
-            // The driver resubmits them elsewhere; their reports would not count.
-            running.shutdown().await;
+            // The driver resubmits them elsewhere; their reports would not count. Aborted,
+            // not waited for: the notice goes out now, not once a CPU-bound task yields.
+            running.abort_all();
             env.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
             drained_tasks = true;
         }
