@@ -39,7 +39,7 @@ pub struct ChaosArgs {
     executor: Option<String>,
     /// Drain: seconds each evicted pod gets to shut down (`kubectl drain --grace-period`).
     #[arg(long, default_value_t = 30)]
-    grace_period: i64,
+    grace_period: u32,
     /// Drain: give up evicting (a PodDisruptionBudget refusing) after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -142,10 +142,6 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<std::process::ExitCode> {
         args.action == Action::Drain || args.command.is_some(),
         "kill needs --command: Kubernetes has no API that stops a machine; give the command \
          that does (your cloud's CLI), with $KILN_NODE and $KILN_PROVIDER_ID"
-    );
-    ensure!(
-        args.grace_period >= 0,
-        "--grace-period must not be negative"
     );
     let client = Client::try_default()
         .await
@@ -304,7 +300,7 @@ fn evictable(pod: &Pod) -> bool {
 async fn drain(
     client: &Client,
     node: &str,
-    grace: i64,
+    grace: u32,
     timeout: Duration,
 ) -> anyhow::Result<Vec<String>> {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -334,7 +330,7 @@ async fn drain(
         .collect();
     let evict = EvictParams {
         delete_options: Some(DeleteParams {
-            grace_period_seconds: Some(u32::try_from(grace).unwrap_or(0)),
+            grace_period_seconds: Some(grace),
             ..Default::default()
         }),
         ..Default::default()
@@ -370,7 +366,7 @@ async fn drain(
         left = held;
     }
     // As `kubectl drain` does: done once the evicted pods are gone.
-    let gone_by = Instant::now() + Duration::from_secs(grace.unsigned_abs() + 60);
+    let gone_by = Instant::now() + Duration::from_secs(u64::from(grace) + 60);
     loop {
         let still: Vec<String> = all
             .list(&on_node)

@@ -119,8 +119,22 @@ struct LossTiming {
     detected: Instant,
     /// Executors taking tasks just before the loss.
     width_before: usize,
-    /// When as many executors were live again.
+    /// When as many executors took tasks again.
     full_width: Option<Instant>,
+}
+
+impl LossTiming {
+    /// A loss (or notice) of `executor` the driver learnt of `now`, with `width_before`
+    /// executors taking tasks.
+    fn new(executor: &str, occurred: Option<Instant>, now: Instant, width_before: usize) -> Self {
+        Self {
+            executor: executor.to_string(),
+            occurred: occurred.map(|o| o.min(now)),
+            detected: now,
+            width_before,
+            full_width: None,
+        }
+    }
 }
 
 /// The answer to a registration.
@@ -408,13 +422,8 @@ impl DriverCore {
         // Copies that were going to it go to another target.
         self.place_migrations();
         if !timed {
-            self.loss_timings.push(LossTiming {
-                executor: executor.to_string(),
-                occurred,
-                detected: now,
-                width_before,
-                full_width: None,
-            });
+            self.loss_timings
+                .push(LossTiming::new(executor, occurred, now, width_before));
         }
         self.outbox.push(Progress::ExecutorLost {
             executor: executor.to_string(),
@@ -571,19 +580,20 @@ impl DriverCore {
     }
 
     /// Live executors that have not been told to leave.
-    pub fn live_width(&self) -> usize {
+    fn live(&self) -> impl Iterator<Item = &ExecutorId> {
         self.sched
             .executors()
             .filter(|e| !self.departed.contains(*e))
-            .count()
+    }
+
+    /// How many executors are live and not told to leave.
+    pub fn live_width(&self) -> usize {
+        self.live().count()
     }
 
     /// Live executors taking tasks: those not draining.
     fn serving_width(&self) -> usize {
-        self.sched
-            .executors()
-            .filter(|e| !self.departed.contains(*e) && !self.sched.is_draining(e))
-            .count()
+        self.live().filter(|e| !self.sched.is_draining(e)).count()
     }
 
     /// Live executors, with how many outputs still needed each holds.
@@ -760,7 +770,7 @@ impl DriverCore {
         recovery
     }
 
-    /// Marks losses made good once as many executors are live as before them.
+    /// Marks losses made good once as many executors take tasks as before them.
     fn note_width(&mut self, now: Instant) {
         let width = self.serving_width();
         for t in &mut self.loss_timings {

@@ -84,13 +84,8 @@ impl DriverCore {
         let Some(outputs) = self.sched.decommission(executor) else {
             return false;
         };
-        self.loss_timings.push(LossTiming {
-            executor: executor.to_string(),
-            occurred: occurred.map(|o| o.min(now)),
-            detected: now,
-            width_before,
-            full_width: None,
-        });
+        self.loss_timings
+            .push(LossTiming::new(executor, occurred, now, width_before));
         tracing::warn!(
             executor,
             cause,
