@@ -10,10 +10,14 @@ mod failure;
 pub mod launch;
 mod load;
 mod loss;
+pub mod policy;
 mod quantity;
 mod report;
 mod spec;
 mod validate;
+
+#[cfg(test)]
+mod malformed_tests;
 
 /// The control protocol between the driver, its executors and the operator, generated from
 /// `proto/kiln.proto`.
@@ -27,10 +31,14 @@ pub use error::{Error, Result};
 pub use failure::FailureReason;
 pub use load::{load_job, parse_job};
 pub use loss::LossReason;
-pub use quantity::{parse_cpu, parse_memory};
+pub use policy::LocationPolicy;
+pub use quantity::{MAX_QUANTITY, parse_cpu, parse_memory};
 pub use report::{DriverReport, TERMINATION_MESSAGE_LIMIT};
 pub use spec::*;
-pub use validate::{FieldError, RESERVED_ENV_PREFIX, RESERVED_MOUNT_PATHS, validate};
+pub use validate::{
+    FieldError, MAX_ATTEMPTS, MAX_EXECUTOR_LOSSES, MAX_JOB_NAME_LENGTH, MAX_POD_CPU,
+    MAX_POD_MEMORY, MAX_SLOTS, RESERVED_ENV_PREFIX, RESERVED_MOUNT_PATHS, validate, validate_name,
+};
 
 /// The API group of Kiln's custom resources.
 pub const GROUP: &str = "kiln.dev";

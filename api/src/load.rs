@@ -12,7 +12,8 @@ pub fn load_job(path: &Path) -> Result<JobSpec> {
     parse_job(&text)
 }
 
-/// Parses and validates a job document (YAML or JSON). A document with `kind: ComputeJob`
+/// Parses and validates a job document (YAML or JSON), its locations under `kiln run`'s
+/// policy ([`LocationPolicy::local`](crate::LocationPolicy::local)). A document with `kind: ComputeJob`
 /// is a manifest and its `spec` is the job; any other document is a bare job spec.
 pub fn parse_job(text: &str) -> Result<JobSpec> {
     let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::ParseJob {
@@ -22,6 +23,13 @@ pub fn parse_job(text: &str) -> Result<JobSpec> {
             .unwrap_or_else(|| "document".into()),
         message: e.to_string(),
     })?;
+    // A manifest's name becomes the names of its pods and Service on a cluster: checked
+    // here too, so a job that runs locally also applies.
+    let name_error = doc
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .and_then(crate::validate_name);
     let (doc, prefix) = match doc.get("kind") {
         Some(kind) => {
             let kind = kind.as_str().unwrap_or_default();
@@ -40,19 +48,22 @@ pub fn parse_job(text: &str) -> Result<JobSpec> {
         field: format!("{prefix}{}", e.path()),
         message: e.inner().to_string(),
     })?;
-    let errors = validate(&spec);
-    if errors.is_empty() {
-        Ok(spec)
-    } else {
-        Err(Error::Invalid(
-            errors
+    let errors: Vec<_> = name_error
+        .into_iter()
+        .chain(
+            validate(&spec)
                 .into_iter()
+                .chain(crate::LocationPolicy::local().validate(&spec))
                 .map(|mut e| {
                     e.field = format!("{prefix}{}", e.field);
                     e
-                })
-                .collect(),
-        ))
+                }),
+        )
+        .collect();
+    if errors.is_empty() {
+        Ok(spec)
+    } else {
+        Err(Error::Invalid(errors))
     }
 }
 

@@ -11,6 +11,12 @@ fn split_number(value: &str) -> Result<(f64, &str)> {
         value: value.to_string(),
         reason: "expected a number followed by an optional unit",
     })?;
+    if !n.is_finite() {
+        return Err(Error::Quantity {
+            value: value.to_string(),
+            reason: "must be a finite number",
+        });
+    }
     if n < 0.0 {
         return Err(Error::Quantity {
             value: value.to_string(),
@@ -18,6 +24,22 @@ fn split_number(value: &str) -> Result<(f64, &str)> {
         });
     }
     Ok((n, suffix))
+}
+
+/// The largest quantity accepted, in bytes or millicores: 2^53, below which every whole
+/// number is exact in the floating point the units are applied in, and far below where
+/// sums and the pod's limits could overflow.
+pub const MAX_QUANTITY: u64 = 1 << 53;
+
+fn whole(value: &str, n: f64) -> Result<u64> {
+    let n = n.round();
+    if !n.is_finite() || n > MAX_QUANTITY as f64 {
+        return Err(Error::Quantity {
+            value: value.to_string(),
+            reason: "too large",
+        });
+    }
+    Ok(n as u64)
 }
 
 /// Parses a memory quantity into bytes.
@@ -38,6 +60,12 @@ pub fn parse_memory(value: &str) -> Result<u64> {
                 value: value.to_string(),
                 reason: "bad exponent",
             })?;
+            if !(0..=18).contains(&exp) {
+                return Err(Error::Quantity {
+                    value: value.to_string(),
+                    reason: "exponent must be between 0 and 18",
+                });
+            }
             10f64.powi(exp)
         }
         _ => {
@@ -47,15 +75,15 @@ pub fn parse_memory(value: &str) -> Result<u64> {
             });
         }
     };
-    Ok((n * mult).round() as u64)
+    whole(value, n * mult)
 }
 
 /// Parses a CPU quantity into millicores.
 pub fn parse_cpu(value: &str) -> Result<u64> {
     let (n, suffix) = split_number(value)?;
     match suffix {
-        "" => Ok((n * 1000.0).round() as u64),
-        "m" => Ok(n.round() as u64),
+        "" => whole(value, n * 1000.0),
+        "m" => whole(value, n),
         _ => Err(Error::Quantity {
             value: value.to_string(),
             reason: "unknown unit (use a core count like `2` or millicores like `500m`)",
@@ -77,6 +105,12 @@ mod tests {
         assert!(parse_memory("4GB").is_err());
         assert!(parse_memory("lots").is_err());
         assert!(parse_memory("-1Gi").is_err());
+        assert!(parse_memory("1e99").is_err(), "overflows");
+        assert!(parse_memory("1e-3").is_err());
+        assert!(parse_memory("99999999Ti").is_err());
+        assert!(parse_memory("inf").is_err());
+        assert!(parse_memory("NaN").is_err());
+        assert_eq!(parse_memory("8192Ti").unwrap(), MAX_QUANTITY);
     }
 
     #[test]
@@ -85,5 +119,7 @@ mod tests {
         assert_eq!(parse_cpu("500m").unwrap(), 500);
         assert_eq!(parse_cpu("0.5").unwrap(), 500);
         assert!(parse_cpu("2 cores").is_err());
+        assert!(parse_cpu("1e300").is_err());
+        assert!(parse_cpu("99999999999999999").is_err());
     }
 }

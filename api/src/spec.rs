@@ -230,7 +230,7 @@ pub struct ExecutorsSpec {
     pub placement: Placement,
     /// Concurrent tasks per executor; defaults to the CPU count rounded up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub slots: Option<u32>,
     /// Operator only: additions to the executor pods.
     #[serde(default, skip_serializing_if = "PodTemplate::is_empty")]
@@ -351,6 +351,7 @@ pub struct StepSpec {
     /// Iterative steps: how many times `sql` runs, each run replacing the step's table; with
     /// `until`, the most it may run (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
     pub repeat: Option<u32>,
     /// Iterative steps: a SQL query returning one boolean, checked after each iteration; the
     /// loop stops once it is true. The step's name is the new result, and `<name>_previous`
@@ -445,14 +446,17 @@ pub struct FailurePolicy {
     /// Attempts of one task before the job fails (failures on the task's own data fail the
     /// job at once; preemptions do not count).
     #[serde(default = "default_task_attempts")]
+    #[schemars(range(min = 1, max = 100))]
     pub max_task_attempts: u32,
     /// Attempts of one stage (resubmissions after lost outputs) before the job fails.
     #[serde(default = "default_stage_attempts")]
+    #[schemars(range(min = 1, max = 100))]
     pub max_stage_attempts: u32,
     /// Executors the job may lose to its own faults (crashes, non-zero exits, OOM kills,
     /// hung processes) before it fails. Reclaims, evictions, drains and lost nodes never
     /// count.
     #[serde(default = "default_executor_losses")]
+    #[schemars(range(max = 10000))]
     pub max_executor_losses: u32,
     /// Seconds without a heartbeat after which the driver declares an executor lost (and the
     /// operator replaces its pod). An executor only paused for less is not lost. A node

@@ -11,6 +11,20 @@ const TEMPLATE_ENV_ALLOWED: &str = crate::launch::ENV_FAULTS;
 /// Mount paths the operator uses in job pods (the job spec, scratch space).
 pub const RESERVED_MOUNT_PATHS: [&str; 2] = ["/etc/kiln", "/tmp"];
 
+/// Longest ComputeJob name: the driver's Service, `<name>-driver`, must be a DNS-1035 label
+/// (at most 63 characters).
+pub const MAX_JOB_NAME_LENGTH: usize = 56;
+/// Most memory one pod may ask for (the largest machines hold about 24 TiB).
+pub const MAX_POD_MEMORY: u64 = 32 << 40;
+/// Most CPU one pod may ask for, in millicores.
+pub const MAX_POD_CPU: u64 = 1024 * 1000;
+/// Most concurrent tasks per executor.
+pub const MAX_SLOTS: u32 = 1024;
+/// Most attempts of one task or one stage.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Most executor losses a job may be allowed.
+pub const MAX_EXECUTOR_LOSSES: u32 = 10_000;
+
 /// One broken rule: the field's path and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
@@ -36,6 +50,36 @@ fn single_ascii(value: &str) -> bool {
     value.len() == 1 && value.is_ascii()
 }
 
+/// Checks a ComputeJob's name: a DNS-1035 label (lower-case letters, digits and `-`,
+/// starting with a letter and ending with a letter or digit) short enough for the names
+/// the operator derives from it (`<name>-driver`).
+pub fn validate_name(name: &str) -> Option<FieldError> {
+    let err = |message: String| {
+        Some(FieldError {
+            field: "metadata.name".into(),
+            message,
+        })
+    };
+    if name.is_empty() {
+        return err("must not be empty".into());
+    }
+    if name.len() > MAX_JOB_NAME_LENGTH {
+        return err(format!(
+            "at most {MAX_JOB_NAME_LENGTH} characters (the driver's Service is `<name>-driver`), got {}",
+            name.len()
+        ));
+    }
+    let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let starts = name.starts_with(|c: char| c.is_ascii_lowercase());
+    let ends = name.ends_with(lower);
+    if !starts || !ends || !name.chars().all(|c| lower(c) || c == '-') {
+        return err(format!(
+            "`{name}` is not a DNS-1035 label: lower-case letters, digits and `-`, starting with a letter and ending with a letter or digit"
+        ));
+    }
+    None
+}
+
 /// Checks the rules serde cannot express. An empty list means the spec is valid.
 pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
     let mut errors = Vec::new();
@@ -50,8 +94,13 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
             ),
         );
     }
-    if spec.executors.slots == Some(0) {
-        err("executors.slots".into(), "must be at least 1".into());
+    if let Some(slots) = spec.executors.slots
+        && !(1..=MAX_SLOTS).contains(&slots)
+    {
+        err(
+            "executors.slots".into(),
+            format!("must be between 1 and {MAX_SLOTS}, got {slots}"),
+        );
     }
     for (field, value) in [
         ("executors.memory", &spec.executors.memory),
@@ -59,6 +108,7 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
     ] {
         match parse_memory(value) {
             Ok(b) if b < (1 << 20) => err(field.into(), format!("`{value}` is below 1Mi")),
+            Ok(b) if b > MAX_POD_MEMORY => err(field.into(), format!("`{value}` is above 32Ti")),
             Ok(_) => {}
             Err(e) => err(field.into(), e.to_string()),
         }
@@ -69,6 +119,7 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
     ] {
         match parse_cpu(value) {
             Ok(0) => err(field.into(), "must be above zero".into()),
+            Ok(m) if m > MAX_POD_CPU => err(field.into(), format!("`{value}` is above 1024")),
             Ok(_) => {}
             Err(e) => err(field.into(), e.to_string()),
         }
@@ -92,9 +143,21 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
         ("failurePolicy.maxTaskAttempts", fp.max_task_attempts),
         ("failurePolicy.maxStageAttempts", fp.max_stage_attempts),
     ] {
-        if value == 0 {
-            err(field.into(), "must be at least 1".into());
+        if !(1..=MAX_ATTEMPTS).contains(&value) {
+            err(
+                field.into(),
+                format!("must be between 1 and {MAX_ATTEMPTS}, got {value}"),
+            );
         }
+    }
+    if fp.max_executor_losses > MAX_EXECUTOR_LOSSES {
+        err(
+            "failurePolicy.maxExecutorLosses".into(),
+            format!(
+                "must be at most {MAX_EXECUTOR_LOSSES}, got {}",
+                fp.max_executor_losses
+            ),
+        );
     }
     if !(1..=3600).contains(&fp.heartbeat_timeout_seconds) {
         err(

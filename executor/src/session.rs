@@ -165,6 +165,20 @@ async fn register_input(ctx: &SessionContext, input: &InputSpec) -> DfResult<()>
     let url = ListingTableUrl::parse(&input.uri)?;
     // A local input that is not there is a mistake in the job, not an empty table.
     let location: &Url = url.as_ref();
+    // The lexical check of the spec again, on the path as resolved: relative to this
+    // process's directory, symbolic links followed.
+    if location.scheme() == "file"
+        && let Ok(path) = location.to_file_path()
+    {
+        let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if let Some(why) = kiln_api::policy::check_path(&resolved) {
+            return Err(datafusion::error::DataFusionError::Plan(format!(
+                "{} (resolved to {}) is refused: {why}",
+                path.display(),
+                resolved.display()
+            )));
+        }
+    }
     if location.scheme() == "file"
         && !input.uri.contains('*')
         && let Ok(path) = location.to_file_path()

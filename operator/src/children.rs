@@ -17,8 +17,6 @@ pub const FIELD_MANAGER: &str = "kiln-operator";
 pub const SPEC_KEY: &str = "job.yaml";
 /// Key of the token in the token Secret.
 pub const TOKEN_KEY: &str = "token";
-/// Longest ComputeJob name: the driver's Service, `<name>-driver`, must be a DNS label.
-pub const MAX_NAME_LENGTH: usize = 56;
 
 /// `<job>-spec`: the ConfigMap holding the job spec the driver runs.
 pub fn spec_config_map_name(job: &str) -> String {

@@ -65,6 +65,12 @@ pub struct OperatorConfig {
     /// starts at once either way. Keep it above the control plane's node monitor grace
     /// period (40 s by default).
     pub silence_settle_seconds: u64,
+    /// Where jobs may read and write: `allowLoopback` (default false) lets inputs name
+    /// hosts on the loopback network. Local paths under `/proc`, `/sys`, `/dev`,
+    /// `/etc/kiln`, `/var/run/secrets` and `/run/secrets`, link-local addresses and cloud
+    /// metadata services are refused whatever it says; a refused job fails `InvalidSpec`
+    /// naming the field.
+    pub locations: kiln_api::LocationPolicy,
 }
 
 impl Default for OperatorConfig {
@@ -97,6 +103,7 @@ impl Default for OperatorConfig {
             progress_interval_seconds: 3,
             max_replacement_backoff_seconds: 30,
             silence_settle_seconds: 60,
+            locations: kiln_api::LocationPolicy::cluster(),
             disruption_taints: [
                 "karpenter.sh/disrupted",
                 "karpenter.sh/disruption",

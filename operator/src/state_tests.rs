@@ -532,6 +532,43 @@ fn a_bad_spec_fails_with_a_condition_naming_the_field() {
 }
 
 #[test]
+fn secrets_metadata_bad_names_and_oversized_specs_fail_naming_the_rule() {
+    type Break = fn(&mut World);
+    let cases: Vec<(Break, &str)> = vec![
+        (
+            |w| w.job.spec.inputs[0].uri = "/proc/self/environ".into(),
+            "spec.inputs[0].uri: `/proc/self/environ` is refused: local paths under /proc",
+        ),
+        (
+            |w| w.job.spec.inputs[0].uri = "http://169.254.169.254/latest/".into(),
+            "link-local",
+        ),
+        (
+            |w| w.job.spec.inputs[0].uri = "http://localhost:8080/x".into(),
+            "loopback",
+        ),
+        (
+            |w| w.job.metadata.name = Some("has.dot".into()),
+            "metadata.name: `has.dot` is not a DNS-1035 label",
+        ),
+        (
+            |w| w.job.spec.steps[0].sql = format!("SELECT '{}'", "x".repeat(1 << 20)),
+            "the ConfigMap the driver reads it from holds at most",
+        ),
+    ];
+    for (break_it, says) in cases {
+        let mut w = World::new();
+        break_it(&mut w);
+        let plan = w.step(0);
+        assert!(plan.actions.is_empty(), "{says}: nothing is created");
+        let c = plan.status.condition(CONDITION_FAILED).unwrap();
+        assert_eq!(c.reason, FailureReason::InvalidSpec.as_str());
+        assert!(c.message.contains(says), "{says}: {}", c.message);
+        assert_eq!(plan.requeue, None, "nothing to retry");
+    }
+}
+
+#[test]
 fn an_image_that_cannot_be_pulled_fails_the_job_after_the_grace_period() {
     let mut w = World::new();
     let p = w.step(0);

@@ -18,20 +18,19 @@
 //!   that feed it in `core_drain.rs`;
 //! - what a replacement driver takes over (the executors' holdings, the journal of the
 //!   driver before it) and what it hands on (its own journal): `resume`, with the
-//!   events that feed it in `core_resume.rs`.
+//!   events that feed it in `core_resume.rs`;
+//! - what the core says of the job (the operator's status, the final summary):
+//!   `core_status.rs`.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use kiln_api::{FailurePolicy, JobSpec};
+use kiln_api::FailurePolicy;
 
 use super::journal::{CommitRecord, Journal};
 use super::scheduler::{
     ExecutorId, JobFailure, LossReason, Scheduler, SchedulerEvent, StageStatus, TaskFailure, TaskId,
 };
-use crate::rpc;
-use crate::summary::{
-    JobSummary, LossSummary, RecoverySummary, StageCounters, StageSummary, StepSummary, Totals,
-};
+use crate::summary::StageCounters;
 
 /// Progress of a job, for bars and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +159,8 @@ pub(crate) enum PollAnswer {
         drops: Vec<u32>,
         journal: Option<Vec<u8>>,
         migrations: Vec<Migration>,
+        /// Attempts to stop: a draining executor's, resubmitted elsewhere.
+        cancels: Vec<(TaskId, u32)>,
     },
     /// The executor was drained: nothing it holds is needed here any more; exit.
     Decommissioned,
@@ -293,22 +294,6 @@ impl DriverCore {
             return PollAnswer::UnknownExecutor;
         }
         self.sched.heartbeat(executor, now);
-        match self.drain_done(executor, now) {
-            Some(true) => {
-                self.finish_drain(executor, now);
-                return PollAnswer::Decommissioned;
-            }
-            Some(false) if !last_round => return PollAnswer::Wait,
-            Some(false) => {
-                return PollAnswer::Work {
-                    tasks: Vec::new(),
-                    drops: self.drops.remove(executor).unwrap_or_default(),
-                    journal: self.journal_for(executor),
-                    migrations: Vec::new(),
-                };
-            }
-            None => {}
-        }
         for task in self.sched.reconcile(executor, held) {
             self.changed = true;
             tracing::warn!(
@@ -318,10 +303,32 @@ impl DriverCore {
                 "the executor does not hold a task the driver gave it (an assignment or its report was lost); rescheduled"
             );
         }
+        match self.drain_done(executor, now) {
+            Some(true) => {
+                self.finish_drain(executor, now);
+                return PollAnswer::Decommissioned;
+            }
+            Some(false) => {
+                let cancels = self.sched.take_cancels(executor);
+                if cancels.is_empty() && !last_round {
+                    return PollAnswer::Wait;
+                }
+                return PollAnswer::Work {
+                    tasks: Vec::new(),
+                    drops: self.drops.remove(executor).unwrap_or_default(),
+                    journal: self.journal_for(executor),
+                    migrations: Vec::new(),
+                    cancels,
+                };
+            }
+            None => {}
+        }
         let tasks = self.sched.assign(executor, free);
         let migrations = self.take_migrations(executor);
+        let cancels = self.sched.take_cancels(executor);
         let drops = self.drops.get(executor).map_or(0, Vec::len);
-        if tasks.is_empty() && migrations.is_empty() && drops == 0 && !last_round && free > 0 {
+        let nothing = tasks.is_empty() && migrations.is_empty() && cancels.is_empty();
+        if nothing && drops == 0 && !last_round && free > 0 {
             return PollAnswer::Wait;
         }
         PollAnswer::Work {
@@ -329,6 +336,7 @@ impl DriverCore {
             drops: self.drops.remove(executor).unwrap_or_default(),
             journal: self.journal_for(executor),
             migrations,
+            cancels,
         }
     }
 
@@ -363,6 +371,9 @@ impl DriverCore {
                     }
                     if let Some(info) = self.stages.get_mut(&task.stage) {
                         info.counters.add(&counters);
+                    }
+                    if self.is_draining(executor) {
+                        self.made_while_draining(executor, task);
                     }
                     let (done, total) = self.sched.progress(task.stage);
                     self.outbox.push(Progress::TaskDone {
@@ -613,109 +624,6 @@ impl DriverCore {
         self.sched.is_live(executor)
     }
 
-    /// Progress so far, for the operator.
-    pub fn job_status(&self) -> rpc::JobStatusResponse {
-        let mut status = rpc::JobStatusResponse::default();
-        for id in self.stages.keys() {
-            let (done, total) = self.sched.progress(*id);
-            status.stages_total += 1;
-            status.stages_done += u32::from(done == total);
-            status.tasks_done += done as u64;
-            status.tasks_total += total as u64;
-            status.partitions_recomputed += self.sched.launch_counts(*id).1;
-        }
-        status.executors_live = self.live_width() as u32;
-        status.driver_losses = self.driver_losses();
-        status.stages_resumed = self.stages_resumed();
-        status.executors_lost = self.sched.losses().len() as u32;
-        status.last_lost_executor = self
-            .sched
-            .losses()
-            .last()
-            .map(|l| l.executor.clone())
-            .unwrap_or_default();
-        status.lost_executors = self
-            .sched
-            .losses()
-            .iter()
-            .map(|l| rpc::LostExecutor {
-                executor_id: l.executor.clone(),
-                reason: l.reason.as_str().to_string(),
-            })
-            .collect();
-        status.partitions_migrated = self.partitions_migrated();
-        status.partitions_lost = self.sched.outputs_lost();
-        status.holding = self
-            .outputs_held()
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(executor_id, n)| rpc::ExecutorHolding {
-                executor_id,
-                outputs: n as u64,
-            })
-            .collect();
-        status.draining = self.draining().cloned().collect();
-        if let Some(t) = self.loss_timings.last() {
-            let ms = |d: Duration| d.as_millis() as u64;
-            let from = t.occurred.unwrap_or(t.detected);
-            // 0 when unknown; a known detection takes at least 1 ms.
-            status.last_detect_ms = t
-                .occurred
-                .map_or(0, |o| ms(t.detected.saturating_duration_since(o)).max(1));
-            status.last_recover_ms = t
-                .full_width
-                .map_or(0, |f| ms(f.saturating_duration_since(from)).max(1));
-        }
-        status
-    }
-
-    /// The summary of what ran so far.
-    pub fn summary(&self, spec: &JobSpec) -> JobSummary {
-        let mut stages = Vec::new();
-        let mut totals = Totals::default();
-        for (id, info) in &self.stages {
-            let (attempts, recomputed) = self.sched.launch_counts(*id);
-            totals.tasks += info.partitions as u64;
-            totals.attempts += attempts;
-            totals.recomputed += recomputed;
-            totals.counters.add(&info.counters);
-            stages.push(StageSummary {
-                id: *id,
-                step: info.step.clone(),
-                description: info.description.clone(),
-                shuffle: info.shuffle,
-                tasks: info.partitions as u64,
-                attempts,
-                recomputed,
-                counters: info.counters.clone(),
-            });
-        }
-        let steps = spec
-            .steps
-            .iter()
-            .filter_map(|step| {
-                let own: Vec<&StageSummary> =
-                    stages.iter().filter(|s| s.step == step.name).collect();
-                (!own.is_empty()).then(|| StepSummary {
-                    name: step.name.clone(),
-                    cached: step.cache != kiln_api::CacheLevel::None,
-                    stages: own.iter().map(|s| s.id).collect(),
-                    tasks: own.iter().map(|s| s.tasks).sum(),
-                    attempts: own.iter().map(|s| s.attempts).sum(),
-                    iterations: self.iterations.get(&step.name).copied(),
-                })
-            })
-            .collect();
-        JobSummary {
-            executors: self.registered.len() as u64,
-            stages,
-            totals,
-            steps,
-            recovery: self.recovery(),
-            ..Default::default()
-        }
-    }
-
     // ---- inner -----------------------------------------------------------------------
 
     fn handle(&mut self, events: Vec<SchedulerEvent>) {
@@ -729,45 +637,6 @@ impl DriverCore {
                 SchedulerEvent::JobFailed(reason) => tracing::error!(%reason, "job failed"),
             }
         }
-    }
-
-    /// Losses and what they cost.
-    fn recovery(&self) -> RecoverySummary {
-        let ms = |d: Duration| d.as_millis() as u64;
-        let mut recovery = RecoverySummary {
-            outputs_lost: self.sched.outputs_lost(),
-            partitions_migrated: self.partitions_migrated(),
-            driver_losses: self.driver_losses(),
-            stages_resumed: self.stages_resumed(),
-            ..Default::default()
-        };
-        for loss in self.sched.losses() {
-            *recovery
-                .executors_lost
-                .entry(loss.reason.as_str().to_string())
-                .or_default() += 1;
-            let Some(t) = self
-                .loss_timings
-                .iter()
-                .rev()
-                .find(|t| t.executor == loss.executor)
-            else {
-                continue;
-            };
-            recovery.losses.push(LossSummary {
-                executor: loss.executor.clone(),
-                reason: loss.reason.as_str().to_string(),
-                at_ms: ms(t.detected.saturating_duration_since(self.started)),
-                outputs_lost: loss.outputs_lost,
-                detection_ms: t
-                    .occurred
-                    .map(|o| ms(t.detected.saturating_duration_since(o))),
-                full_width_ms: t
-                    .full_width
-                    .map(|f| ms(f.saturating_duration_since(t.occurred.unwrap_or(t.detected)))),
-            });
-        }
-        recovery
     }
 
     /// Marks losses made good once as many executors take tasks as before them.
@@ -785,7 +654,11 @@ impl DriverCore {
 mod core_drain;
 #[path = "core_resume.rs"]
 mod core_resume;
+#[path = "core_status.rs"]
+mod core_status;
 
+#[cfg(test)]
+use core_drain::CONTINUE_WINDOW;
 pub(crate) use core_drain::Migration;
 
 #[cfg(test)]

@@ -3,8 +3,12 @@
 //! leave. The scheduler says which outputs live only on the executor and moves their
 //! locations; this part pairs them with targets and keeps the bookkeeping.
 //!
-//! An executor leaves once every copy arrived or failed and the tasks that were reading its
-//! outputs then (their plans name it) have finished, or `DRAIN_DEADLINE` after its notice
+//! The attempts it was running carry on for up to `CONTINUE_WINDOW` and are resubmitted
+//! elsewhere only then; an output one of them makes there moves off like the others.
+//!
+//! An executor leaves once every copy arrived or failed, its continuing attempts ended,
+//! and the tasks that were reading its outputs then (their plans name it) have finished, or
+//! `DRAIN_DEADLINE` after its notice
 //! (its grace period ends anyway); it is then lost with reason `Drained`, which counts
 //! against no budget, and what did not move is recomputed from lineage.
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +18,11 @@ use super::{DriverCore, ExecutorId, LossReason, LossTiming, Progress, TaskId};
 
 /// The longest a drain waits for its copies before the executor is told to leave.
 pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
+
+/// How long after its notice a draining executor's running attempts may still finish
+/// there: below the shortest common notice (GCP's 30 s), so that what they made can still
+/// move before the machine goes. Past it they are resubmitted elsewhere.
+pub(crate) const CONTINUE_WINDOW: Duration = Duration::from_secs(25);
 
 /// One output to copy from a decommissioned executor, as its target gets it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +71,8 @@ pub(super) struct Drains {
 
 impl DriverCore {
     /// `executor` was given notice (`cause`: what said so). It takes no more tasks; its
-    /// running tasks are resubmitted elsewhere without counting as failures; the outputs
+    /// running tasks carry on there for up to `CONTINUE_WINDOW`, then are resubmitted
+    /// elsewhere without counting as failures; the outputs
     /// still needed that only it holds are shared out to the other live executors, most
     /// urgent first, spreading them over the targets holding least. `occurred`: when the
     /// notice was given, if known (the job runs short from then). Returns whether the
@@ -187,6 +197,21 @@ impl DriverCore {
         moved
     }
 
+    /// An attempt continuing on draining `executor` won: its output moves off like those
+    /// the executor held at its notice, if still needed.
+    pub(super) fn made_while_draining(&mut self, executor: &str, task: TaskId) {
+        if !self.sched.worth_moving(task) {
+            return;
+        }
+        let Some(d) = self.drains.draining.get_mut(executor) else {
+            return;
+        };
+        d.unplaced.push(task);
+        d.stages.insert(task.stage);
+        d.readers = None;
+        self.place_migrations();
+    }
+
     /// Copies queued for `executor`, handed over with its poll.
     pub(super) fn take_migrations(&mut self, executor: &str) -> Vec<Migration> {
         self.drains.queued.remove(executor).unwrap_or_default()
@@ -197,8 +222,15 @@ impl DriverCore {
     /// passed), `Some(false)` until then, `None` when it is not draining.
     pub(super) fn drain_done(&mut self, executor: &str, now: Instant) -> Option<bool> {
         let d = self.drains.draining.get_mut(executor)?;
-        if now.duration_since(d.started) > DRAIN_DEADLINE {
+        let waited = now.duration_since(d.started);
+        if waited > DRAIN_DEADLINE {
             return Some(true);
+        }
+        if self.sched.continuing_on(executor) > 0 {
+            if waited <= CONTINUE_WINDOW {
+                return Some(false);
+            }
+            self.sched.abandon_continuing(executor);
         }
         if !d.pending.is_empty() || !d.unplaced.is_empty() {
             return Some(false);

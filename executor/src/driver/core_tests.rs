@@ -5,6 +5,7 @@ use kiln_api::FailurePolicy;
 
 use super::*;
 use crate::driver::journal::Journal;
+use crate::rpc;
 
 fn policy() -> FailurePolicy {
     FailurePolicy {
@@ -126,6 +127,7 @@ fn an_idle_poll_waits_and_the_last_round_answers() {
             drops: vec![],
             journal: None,
             migrations: vec![],
+            cancels: vec![],
         }
     );
     core.take_changed();
@@ -185,6 +187,7 @@ fn an_attempt_the_executor_still_holds_is_left_running() {
             drops: vec![],
             journal: None,
             migrations: vec![],
+            cancels: vec![],
         }
     );
     assert!(
@@ -597,4 +600,129 @@ fn a_drain_is_timed_from_its_notice_to_its_replacement() {
     );
     assert_eq!(summary.recovery.losses.len(), 1);
     assert_eq!(core.job_status().last_recover_ms, 5000);
+}
+
+/// a runs map partition 0 and b has done partition 1 when a is given notice.
+fn notice_during_a_task(now: Instant) -> (DriverCore, TaskId) {
+    let mut core = job(now);
+    let t0 = TaskId {
+        stage: 1,
+        partition: 0,
+    };
+    assert_eq!(tasks(core.poll("a", 1, &none(), true, now)), vec![(t0, 0)]);
+    assert_eq!(run_round(&mut core, "b", now), 1);
+    assert!(core.decommission("a", "test", None, now));
+    assert_eq!(
+        tasks(core.poll("b", 1, &none(), true, now)),
+        vec![],
+        "a's task carries on there: it runs nowhere else"
+    );
+    (core, t0)
+}
+
+#[test]
+fn a_draining_executors_running_task_finishes_there_and_its_output_moves() {
+    let now = Instant::now();
+    let (mut core, t0) = notice_during_a_task(now);
+    assert_eq!(
+        core.poll("a", 0, &BTreeSet::from([(t0, 0)]), false, now),
+        PollAnswer::Wait,
+        "a stays while its task runs"
+    );
+    assert!(core.report("a", t0, 0, ok()), "it counts");
+    let migrations = match core.poll("b", 0, &none(), true, now) {
+        PollAnswer::Work { migrations, .. } => migrations,
+        other => panic!("expected the copy, got {other:?}"),
+    };
+    assert_eq!(migrations.len(), 1);
+    assert_eq!(
+        (migrations[0].task, migrations[0].source.as_str()),
+        (t0, "a")
+    );
+    assert_eq!(core.poll("a", 0, &none(), false, now), PollAnswer::Wait);
+    assert!(core.migrated("b", t0, "a", true));
+    assert_eq!(
+        core.poll("a", 0, &none(), true, now),
+        PollAnswer::Decommissioned
+    );
+    assert_eq!(run_round(&mut core, "b", now), 2, "the output stage");
+    assert_eq!(core.outcome(2), StageOutcome::Succeeded);
+    let summary = core.summary(&kiln_api::JobSpec::default());
+    assert_eq!(summary.totals.attempts, 4, "no task ran twice");
+    assert_eq!(summary.totals.recomputed, 0);
+    assert_eq!(summary.recovery.partitions_migrated, 1);
+}
+
+#[test]
+fn a_task_still_running_when_the_window_closes_is_stopped_and_resubmitted() {
+    let now = Instant::now();
+    let (mut core, t0) = notice_during_a_task(now);
+    core.register("c", "c:1", &[], None, now);
+    let late = now + CONTINUE_WINDOW + Duration::from_secs(1);
+    assert_eq!(
+        core.poll("a", 0, &BTreeSet::from([(t0, 0)]), true, late),
+        PollAnswer::Decommissioned,
+        "nothing else keeps a"
+    );
+    assert!(!core.report("a", t0, 0, ok()), "its attempt was given up");
+    assert_eq!(tasks(core.poll("c", 1, &none(), true, late)), vec![(t0, 1)]);
+    assert!(core.report("c", t0, 1, ok()));
+    assert_eq!(core.job_status().lost_executors[0].reason, "Drained");
+}
+
+#[test]
+fn a_given_up_task_is_stopped_while_its_executor_still_hands_outputs_over() {
+    let now = Instant::now();
+    let mut core = job(now);
+    let t = |partition| TaskId {
+        stage: 1,
+        partition,
+    };
+    // a made partition 0 and runs partition 1 when notice comes: its output must move.
+    assert_eq!(
+        tasks(core.poll("a", 1, &none(), true, now)),
+        vec![(t(0), 0)]
+    );
+    core.report("a", t(0), 0, ok());
+    assert_eq!(
+        tasks(core.poll("a", 1, &none(), true, now)),
+        vec![(t(1), 0)]
+    );
+    assert!(core.decommission("a", "test", None, now));
+    let late = now + CONTINUE_WINDOW + Duration::from_secs(1);
+    match core.poll("a", 0, &BTreeSet::from([(t(1), 0)]), true, late) {
+        PollAnswer::Work { cancels, .. } => assert_eq!(cancels, vec![(t(1), 0)]),
+        other => panic!("expected the cancel, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_task_that_fails_on_a_draining_executor_counts_as_no_attempt() {
+    let now = Instant::now();
+    let (mut core, t0) = notice_during_a_task(now);
+    let failed = || TaskOutcome::Failed(TaskFailure::Executor("killed".into()));
+    assert!(!core.report("a", t0, 0, failed()));
+    assert_eq!(tasks(core.poll("b", 1, &none(), true, now)), vec![(t0, 1)]);
+    assert!(!core.report("b", t0, 1, failed()));
+    assert_eq!(tasks(core.poll("b", 1, &none(), true, now)), vec![(t0, 2)]);
+    assert!(!core.report("b", t0, 2, failed()));
+    assert_eq!(
+        tasks(core.poll("b", 1, &none(), true, now)),
+        vec![(t0, 3)],
+        "two failures of the three allowed: the draining executor's did not count"
+    );
+    assert!(core.report("b", t0, 3, ok()));
+}
+
+#[test]
+fn a_task_whose_assignment_a_draining_executor_never_got_is_rescheduled_at_once() {
+    let now = Instant::now();
+    // Notice cut a's poll short: the answer giving it t0 was dropped unread.
+    let (mut core, t0) = notice_during_a_task(now);
+    assert_eq!(
+        core.poll("a", 0, &none(), false, now),
+        PollAnswer::Decommissioned,
+        "a holds nothing the job needs"
+    );
+    assert_eq!(tasks(core.poll("b", 1, &none(), true, now)), vec![(t0, 1)]);
 }

@@ -12,7 +12,7 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 use kiln_api::StepSpec;
 
-use super::runner::{JobRun, plan_err, referenced_tables, register_view};
+use super::runner::{JobRun, plan_err, query, referenced_tables, register_view};
 use crate::{Error, Result};
 
 fn previous_name(step: &StepSpec) -> String {
@@ -43,11 +43,11 @@ pub(super) async fn check(ctx: &SessionContext, step: &StepSpec) -> Result<BTree
     let previous = previous_name(step);
     let initial = step.initial.as_deref().unwrap_or_default();
     let mut tables = referenced_tables(ctx, initial).map_err(plan_err(name))?;
-    let start = ctx.sql(initial).await.map_err(plan_err(name))?;
+    let start = query(ctx, initial).await.map_err(plan_err(name))?;
     let start_schema: SchemaRef = start.schema().inner().clone();
     register_view(ctx, name, name, initial).await?;
     tables.extend(referenced_tables(ctx, &step.sql).map_err(plan_err(name))?);
-    let body = ctx.sql(&step.sql).await.map_err(plan_err(name))?;
+    let body = query(ctx, &step.sql).await.map_err(plan_err(name))?;
     let body_schema: SchemaRef = body.schema().inner().clone();
     let same = body_schema.fields().len() == start_schema.fields().len()
         && body_schema
@@ -68,7 +68,7 @@ pub(super) async fn check(ctx: &SessionContext, step: &StepSpec) -> Result<BTree
     if let Some(until) = &step.until {
         register_view(ctx, name, &previous, initial).await?;
         tables.extend(referenced_tables(ctx, until).map_err(plan_err(name))?);
-        let cond = ctx.sql(until).await.map_err(plan_err(name))?;
+        let cond = query(ctx, until).await.map_err(plan_err(name))?;
         let fields = cond.schema().fields();
         if fields.len() != 1 || fields[0].data_type() != &DataType::Boolean {
             return Err(plan_error(
@@ -112,7 +112,7 @@ pub(super) async fn run(job: &mut JobRun<'_>, step: &StepSpec) -> Result<u32> {
     }
 
     job.ctx.deregister_table(name).map_err(plan_err(name))?;
-    let df = job.ctx.sql(initial).await.map_err(plan_err(name))?;
+    let df = query(&job.ctx, initial).await.map_err(plan_err(name))?;
     let (mut current, schema) = job.materialize(name, name, df).await?;
     let max = step.max_iterations();
     let mut converged = step.until.is_none();
@@ -120,7 +120,7 @@ pub(super) async fn run(job: &mut JobRun<'_>, step: &StepSpec) -> Result<u32> {
         job.shared
             .act(|s| s.core.iteration_started(name, iteration, max));
         // `name` reads the previous result here.
-        let df = job.ctx.sql(&step.sql).await.map_err(plan_err(name))?;
+        let df = query(&job.ctx, &step.sql).await.map_err(plan_err(name))?;
         let (next, _) = job.materialize(name, name, df).await?;
         let done = match &step.until {
             Some(until) => {
@@ -154,7 +154,7 @@ pub(super) async fn run(job: &mut JobRun<'_>, step: &StepSpec) -> Result<u32> {
 /// Evaluates `until` over the current tables.
 async fn condition(job: &mut JobRun<'_>, step: &StepSpec, until: &str) -> Result<bool> {
     let name = step.name.as_str();
-    let df = job.ctx.sql(until).await.map_err(plan_err(name))?;
+    let df = query(&job.ctx, until).await.map_err(plan_err(name))?;
     let (batches, _) = job.collect(name, df).await?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let bad = |what: String| Error::Until {

@@ -10,6 +10,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::view::ViewTable;
 use datafusion::error::Result as DfResult;
+use datafusion::execution::context::SQLOptions;
 use datafusion::physical_plan::metrics::Count;
 use datafusion::prelude::{DataFrame, SessionContext};
 use kiln_api::OutputSpec;
@@ -34,6 +35,17 @@ pub(super) fn plan_err(
     }
 }
 
+/// Plans a step's SQL as a query: DDL (`CREATE`, `DROP`), DML (`INSERT`, `COPY`) and
+/// statements (`SET`, transactions) are refused, so a step can read only its job's tables
+/// and change nothing of the session or the files around it.
+pub(super) async fn query(ctx: &SessionContext, sql: &str) -> DfResult<DataFrame> {
+    let only_queries = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    ctx.sql_with_options(sql, only_queries).await
+}
+
 /// Tables a step's SQL names, subqueries and CTEs included, as written: the logical plan
 /// cannot tell, because it already has views inlined.
 pub(super) fn referenced_tables(ctx: &SessionContext, sql: &str) -> DfResult<BTreeSet<String>> {
@@ -54,7 +66,7 @@ pub(super) async fn register_view(
     name: &str,
     sql: &str,
 ) -> Result<()> {
-    let df = ctx.sql(sql).await.map_err(plan_err(step))?;
+    let df = query(ctx, sql).await.map_err(plan_err(step))?;
     let view = ViewTable::new(df.logical_plan().clone(), Some(sql.to_string()));
     ctx.deregister_table(name).map_err(plan_err(step))?;
     ctx.register_table(name, Arc::new(view))

@@ -252,7 +252,7 @@ impl rpc::driver_server::Driver for DriverService {
                     round == 1,
                     Instant::now(),
                 );
-                let (tasks, drops, journal, migrations) = match answer {
+                let (tasks, drops, journal, migrations, cancels) = match answer {
                     PollAnswer::Wait => return None,
                     PollAnswer::Decommissioned => {
                         return Some(rpc::PollResponse {
@@ -277,7 +277,8 @@ impl rpc::driver_server::Driver for DriverService {
                         drops,
                         journal,
                         migrations,
-                    } => (tasks, drops, journal, migrations),
+                        cancels,
+                    } => (tasks, drops, journal, migrations, cancels),
                 };
                 let mut defs = Vec::with_capacity(tasks.len());
                 for (task, attempt) in tasks {
@@ -308,6 +309,14 @@ impl rpc::driver_server::Driver for DriverService {
                             source_address: m.source_address,
                             reduce_partitions: m.blocks,
                             fingerprint: m.fingerprint,
+                        })
+                        .collect(),
+                    cancel: cancels
+                        .into_iter()
+                        .map(|(task, attempt)| rpc::TaskAttempt {
+                            stage_id: task.stage,
+                            partition: task.partition,
+                            attempt,
                         })
                         .collect(),
                     ..Default::default()

@@ -12,7 +12,7 @@ use kiln_api::{CacheLevel, JobSpec, StepSpec, parse_memory};
 
 use super::iterate;
 use super::output::{OutputCommit, Prepared};
-use super::runner::{JobRun, plan_err, referenced_tables, register_view};
+use super::runner::{JobRun, plan_err, query, referenced_tables, register_view};
 use super::service::Shared;
 use crate::plan::StagePlanner;
 use crate::session::planning_context;
@@ -111,7 +111,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
             job.views.insert(name.to_ascii_lowercase());
             None
         } else if step.cache != CacheLevel::None && sink.is_none() {
-            let df = job.ctx.sql(&step.sql).await.map_err(plan_err(name))?;
+            let df = query(&job.ctx, &step.sql).await.map_err(plan_err(name))?;
             Some(job.materialize(name, name, df).await?.0)
         } else {
             None
@@ -122,7 +122,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutco
         // The target: into the output, or back to the caller.
         let df = match cached {
             Some(_) => job.ctx.table(name).await,
-            None => job.ctx.sql(&step.sql).await,
+            None => query(&job.ctx, &step.sql).await,
         }
         .map_err(plan_err(name))?;
         match (sink, cached) {

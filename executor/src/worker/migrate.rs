@@ -4,6 +4,7 @@
 //! adopts them too), and reports the copy until the driver acknowledges it.
 use std::time::{Duration, Instant};
 
+use arrow::array::{ArrayRef, MutableArrayData, RecordBatch, make_array};
 use datafusion::physical_plan::metrics::Count;
 
 use super::{CALL_DEADLINE, Session, jittered, with_deadline};
@@ -70,8 +71,23 @@ async fn copy_blocks(env: &Session, store: &BlockStore, m: &rpc::BlockMigration)
             .await?;
         store.create(id, schema);
         if !batches.is_empty() {
+            let batches = batches.iter().map(owned).collect::<Result<Vec<_>>>()?;
             store.append(id, batches).await?;
         }
     }
     Ok(received.value() as u64)
+}
+
+/// A copy of `batch` in buffers of its own. Batches decoded from Flight share the buffers
+/// the messages arrived in, which hold other messages too: kept as they are, each would
+/// count (and hold) all of that memory in the store, and be served with it.
+fn owned(batch: &RecordBatch) -> Result<RecordBatch> {
+    let copy = |array: &ArrayRef| -> Result<ArrayRef> {
+        let data = array.to_data();
+        let mut copy = MutableArrayData::new(vec![&data], false, array.len());
+        copy.try_extend(0, 0, array.len())?;
+        Ok(make_array(copy.freeze()))
+    };
+    let columns = batch.columns().iter().map(copy).collect::<Result<_>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }

@@ -24,7 +24,7 @@ mod faults;
 mod migrate;
 mod tasks;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +35,7 @@ use datafusion::prelude::SessionContext;
 use kiln_api::{JobSpec, parse_memory};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tonic::transport::{Channel, Endpoint};
 
 pub use faults::Faults;
@@ -486,8 +486,9 @@ async fn work_loop(
     attach: &mut mpsc::UnboundedReceiver<AttachRequest>,
 ) -> Result<SessionEnd> {
     let mut running: JoinSet<()> = JoinSet::new();
+    // Each running attempt's handle, to stop it when the driver says so.
+    let mut attempts: HashMap<(u32, u32, u32), AbortHandle> = HashMap::new();
     let mut copies: JoinSet<()> = JoinSet::new();
-    let mut drained_tasks = false;
     let mut unreachable_since: Option<Instant> = None;
     // Tasks of the driver being left are abandoned: the new one reschedules what it needs.
     macro_rules! attached {
@@ -499,14 +500,10 @@ async fn work_loop(
     loop {
         while running.try_join_next().is_some() {}
         while copies.try_join_next().is_some() {}
+        attempts.retain(|_, handle| !handle.is_finished());
+        // Given notice, running attempts carry on until they finish or the driver, its
+        // time up, says to stop them (it then resubmits them elsewhere).
         let is_draining = draining.is_given();
-        if is_draining && !drained_tasks {
-            // The driver resubmits them elsewhere; their reports would not count. Aborted,
-            // not waited for: the notice goes out now, not once a CPU-bound task yields.
-            running.abort_all();
-            env.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            drained_tasks = true;
-        }
         let free = if is_draining {
             0
         } else {
@@ -591,9 +588,26 @@ async fn work_loop(
         }
         if response.decommissioned {
             tracing::info!("drained: nothing this executor holds is needed any more; exiting");
-            running.shutdown().await;
-            copies.shutdown().await;
+            // Attempts still running lost their race or ran out of time: not waited for.
+            running.abort_all();
+            copies.abort_all();
             return Ok(SessionEnd::Shutdown);
+        }
+        for c in response.cancel {
+            let key = (c.stage_id, c.partition, c.attempt);
+            if let Some(handle) = attempts.remove(&key) {
+                tracing::info!(
+                    stage = c.stage_id,
+                    partition = c.partition,
+                    attempt = c.attempt,
+                    "another attempt of this task finished first; stopped"
+                );
+                handle.abort();
+            }
+            env.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
         }
         for m in response.migrations {
             let (env, store) = (env.clone(), store.clone());
@@ -613,7 +627,7 @@ async fn work_loop(
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(key);
             let env = env.clone();
-            running.spawn(async move {
+            let handle = running.spawn(async move {
                 let report = tasks::run_task(&env, task).await;
                 env.deliver(report).await;
                 env.held
@@ -621,13 +635,14 @@ async fn work_loop(
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&key);
             });
+            attempts.insert(key, handle);
         }
         if running.len() >= slots {
             // Busy: wait for a slot, but poll at least every second as a heartbeat.
             let slot = async {
                 tokio::select! {
                     _ = tokio::time::timeout(Duration::from_secs(1), running.join_next()) => {}
-                    _ = draining.given() => {}
+                    _ = draining.given(), if !is_draining => {}
                 }
             };
             if let Err(req) = or_attach(attach, slot).await {

@@ -12,7 +12,7 @@ use kiln_api::rpc::JobStatusResponse;
 use kiln_api::{ComputeJob, ComputeJobStatus, DriverReport, FailureReason, JobPhase};
 use kube::ResourceExt;
 
-use crate::children::{MAX_NAME_LENGTH, driver_service, spec_config_map, token_secret};
+use crate::children::{driver_service, spec_config_map, token_secret};
 use crate::config::OperatorConfig;
 use crate::pods::{PodContext, Takeover, driver_pod};
 
@@ -21,6 +21,10 @@ mod driver_loss;
 mod endings;
 mod executors;
 use crate::podstate::{self, LossReason};
+
+/// The most a job spec may take in its ConfigMap (1 MiB, the API server's object limit,
+/// less room for the object's metadata).
+const MAX_SPEC_BYTES: usize = 1_000_000;
 
 /// A child object to create or update with server-side apply.
 #[derive(Clone, Debug, PartialEq)]
@@ -324,10 +328,22 @@ impl Run<'_, '_> {
             .into_iter()
             .map(|e| format!("spec.{e}"))
             .collect();
-        if self.name().len() > MAX_NAME_LENGTH {
+        if let Some(e) = kiln_api::validate_name(&self.name()) {
+            problems.push(e.to_string());
+        }
+        problems.extend(
+            self.config()
+                .locations
+                .validate(&job.spec)
+                .into_iter()
+                .map(|e| format!("spec.{e}")),
+        );
+        let spec_bytes = spec_config_map(job)
+            .data
+            .map_or(0, |d| d.values().map(String::len).sum::<usize>());
+        if spec_bytes > MAX_SPEC_BYTES {
             problems.push(format!(
-                "metadata.name: at most {MAX_NAME_LENGTH} characters (the driver's Service is `<name>-driver`), got {}",
-                self.name().len()
+                "spec: takes {spec_bytes} bytes; the ConfigMap the driver reads it from holds at most {MAX_SPEC_BYTES}"
             ));
         }
         if !problems.is_empty() {

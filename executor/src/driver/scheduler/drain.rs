@@ -1,9 +1,15 @@
 //! Decommissioning: an executor given notice (SIGTERM, an eviction, a disruption taint on
-//! its node) takes no more tasks, its running tasks go back to pending without counting as
-//! failures, and the outputs only it holds that are still needed are listed, most urgent
-//! first, for the driver to have other executors copy. Each copy that arrives moves the
+//! its node) takes no more tasks, and the outputs only it holds that are still needed are
+//! listed, most urgent first, for the driver to have other executors copy. Each copy that arrives moves the
 //! output's location; what does not arrive before the executor leaves is recomputed from
 //! lineage like any lost output.
+//!
+//! The attempts it was running carry on while it drains (they are *continuing*), for as
+//! long as the driver lets them (see `core_drain`): a task caught by a notice late in its
+//! run then costs nothing, where a restart elsewhere would cost its whole length, and no
+//! task runs twice. When time is up (or the executor goes first), they go back to pending
+//! counting as no failure, and the executor is told to stop them; one that fails meanwhile
+//! counts as no failure either.
 use super::{Scheduler, StageStatus, TaskId, TaskState};
 
 impl Scheduler {
@@ -12,14 +18,47 @@ impl Scheduler {
     /// reads now, then those of stages still waiting for other inputs, then results and
     /// cached datasets kept for later.
     pub fn decommission(&mut self, executor: &str) -> Option<Vec<TaskId>> {
-        let info = self.executors.get_mut(executor)?;
-        info.draining = true;
-        for task in std::mem::take(&mut info.running) {
-            if let Some(s) = self.stages.get_mut(&task.stage) {
-                s.tasks[task.partition as usize] = TaskState::Pending;
-            }
-        }
+        self.executors.get_mut(executor)?.draining = true;
         Some(self.outputs_only_on(executor))
+    }
+
+    /// Attempts still running on draining `executor`.
+    pub fn continuing_on(&self, executor: &str) -> usize {
+        self.executors.get(executor).map_or(0, |e| e.running.len())
+    }
+
+    /// Stops waiting for draining `executor`'s running attempts (its time is up): their
+    /// tasks go back to pending, counting as no failure, and the executor is to stop them.
+    pub fn abandon_continuing(&mut self, executor: &str) {
+        let Some(info) = self.executors.get_mut(executor) else {
+            return;
+        };
+        for task in std::mem::take(&mut info.running) {
+            let Some(s) = self.stages.get_mut(&task.stage) else {
+                continue;
+            };
+            let p = task.partition as usize;
+            if let TaskState::Running { attempt, .. } = s.tasks[p] {
+                self.cancels
+                    .entry(executor.to_string())
+                    .or_default()
+                    .push((task, attempt));
+            }
+            s.tasks[p] = TaskState::Pending;
+        }
+    }
+
+    /// Attempts `executor` is to stop, handed over with its poll.
+    pub fn take_cancels(&mut self, executor: &str) -> Vec<(TaskId, u32)> {
+        self.cancels.remove(executor).unwrap_or_default()
+    }
+
+    /// Whether `task`'s output is still needed where it lives now (not in a sink's files,
+    /// nor of a stage released or no longer needed): worth moving off a draining executor.
+    pub fn worth_moving(&self, task: TaskId) -> bool {
+        self.stages
+            .get(&task.stage)
+            .is_some_and(|s| !s.durable && !s.released && self.needed(task.stage))
     }
 
     /// Whether `executor` was given notice.

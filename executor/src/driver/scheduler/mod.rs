@@ -5,12 +5,13 @@
 //! It also holds the lineage: for every stage output partition, which executor holds it and
 //! which task produced it. When an executor goes, exactly the outputs that lived there and are
 //! still needed are recomputed, walking up to their own inputs when those are gone too.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use kiln_api::FailurePolicy;
 
 mod drain;
+mod held;
 mod types;
 
 pub use kiln_api::LossReason;
@@ -62,6 +63,8 @@ pub struct Scheduler {
     losses: Vec<Loss>,
     outputs_lost: u64,
     failure: Option<JobFailure>,
+    /// Attempts each executor is to stop (see `drain`).
+    cancels: BTreeMap<ExecutorId, Vec<(TaskId, u32)>>,
 }
 
 impl Scheduler {
@@ -75,6 +78,7 @@ impl Scheduler {
             losses: Vec::new(),
             outputs_lost: 0,
             failure: None,
+            cancels: BTreeMap::new(),
         }
     }
 
@@ -380,32 +384,6 @@ impl Scheduler {
         (true, events)
     }
 
-    /// Takes partition `partition` of `stage` as done by `executor` without running it: an
-    /// output an earlier driver left (blocks `executor` holds, or committed files). Returns
-    /// `None` unless the partition was pending; else the events it caused.
-    pub fn adopt(
-        &mut self,
-        stage: u32,
-        partition: u32,
-        executor: &str,
-    ) -> Option<Vec<SchedulerEvent>> {
-        let s = self.stages.get_mut(&stage)?;
-        let p = partition as usize;
-        if s.tasks.get(p)? != &TaskState::Pending {
-            return None;
-        }
-        s.tasks[p] = TaskState::Done {
-            executor: executor.to_string(),
-        };
-        let mut events = Vec::new();
-        if s.tasks.iter().all(|t| matches!(t, TaskState::Done { .. })) {
-            s.status = StageStatus::Succeeded;
-            events.push(SchedulerEvent::StageSucceeded(stage));
-            events.extend(self.refresh());
-        }
-        Some(events)
-    }
-
     /// A task attempt failed.
     pub fn task_failed(
         &mut self,
@@ -417,12 +395,21 @@ impl Scheduler {
         if !self.running_attempt(task, attempt, executor) {
             return Vec::new();
         }
+        // An attempt that fails on an executor given notice is likely the notice's doing
+        // (its machine is being taken apart): it is resubmitted counting nothing.
+        let mut draining = false;
         if let Some(e) = self.executors.get_mut(executor) {
             e.running.remove(&task);
+            draining = e.draining;
         }
         let p = task.partition as usize;
         match failure {
             TaskFailure::Data(message) => self.fail(JobFailure::Data { task, message }),
+            TaskFailure::Executor(_) if draining => {
+                let s = self.stages.get_mut(&task.stage).expect("checked");
+                s.tasks[p] = TaskState::Pending;
+                Vec::new()
+            }
             TaskFailure::Executor(message) => {
                 let s = self.stages.get_mut(&task.stage).expect("checked");
                 s.tasks[p] = TaskState::Pending;
@@ -494,6 +481,7 @@ impl Scheduler {
         let Some(info) = self.executors.remove(id) else {
             return Vec::new();
         };
+        self.cancels.remove(id);
         self.lost.insert(id.to_string());
         self.losses.push(Loss {
             executor: id.to_string(),
@@ -578,43 +566,6 @@ impl Scheduler {
                 reason,
             })
         })
-    }
-
-    /// Reconciles what the driver thinks `executor` runs with the attempts it says it holds
-    /// (running, or finished with the report not yet acknowledged): an attempt the executor
-    /// does not know (its assignment or its report was lost on the wire) goes back to
-    /// pending without counting as a failure. Returns the tasks put back.
-    pub fn reconcile(&mut self, executor: &str, known: &BTreeSet<(TaskId, u32)>) -> Vec<TaskId> {
-        let Some(info) = self.executors.get(executor) else {
-            return Vec::new();
-        };
-        let forgotten: Vec<TaskId> = info
-            .running
-            .iter()
-            .filter(|t| {
-                let attempt = match self
-                    .stages
-                    .get(&t.stage)
-                    .map(|s| &s.tasks[t.partition as usize])
-                {
-                    Some(TaskState::Running { attempt, .. }) => *attempt,
-                    _ => return false,
-                };
-                !known.contains(&(**t, attempt))
-            })
-            .copied()
-            .collect();
-        for t in &forgotten {
-            self.executors
-                .get_mut(executor)
-                .expect("checked above")
-                .running
-                .remove(t);
-            if let Some(s) = self.stages.get_mut(&t.stage) {
-                s.tasks[t.partition as usize] = TaskState::Pending;
-            }
-        }
-        forgotten
     }
 
     /// An output could not be read where the scheduler placed it (a result fetch that
@@ -791,38 +742,6 @@ impl Scheduler {
                 s.tasks.len(),
             )
         })
-    }
-
-    /// How many outputs still needed each live executor holds (0 for one holding none).
-    pub fn needed_outputs_by_executor(&self) -> BTreeMap<ExecutorId, usize> {
-        let mut held: BTreeMap<ExecutorId, usize> =
-            self.executors.keys().map(|e| (e.clone(), 0)).collect();
-        for (id, s) in &self.stages {
-            if s.released || !self.needed(*id) {
-                continue;
-            }
-            for t in &s.tasks {
-                if let TaskState::Done { executor } = t
-                    && let Some(n) = held.get_mut(executor)
-                {
-                    *n += 1;
-                }
-            }
-        }
-        held
-    }
-
-    /// Outputs of each live executor, for tests and diagnostics: `stage -> partitions`.
-    pub fn outputs_on(&self, executor: &str) -> HashMap<u32, Vec<u32>> {
-        let mut out: HashMap<u32, Vec<u32>> = HashMap::new();
-        for (sid, s) in &self.stages {
-            for (p, t) in s.tasks.iter().enumerate() {
-                if matches!(t, TaskState::Done { executor: e } if e == executor) {
-                    out.entry(*sid).or_default().push(p as u32);
-                }
-            }
-        }
-        out
     }
 }
 

@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use super::*;
 
 fn policy() -> FailurePolicy {
@@ -255,9 +257,15 @@ fn a_decommissioned_executor_takes_no_tasks_and_lists_what_only_it_holds() {
         on_b[&1].iter().map(|p| task(1, *p)).collect::<Vec<_>>(),
         "stage 1's outputs on b are needed by the join"
     );
-    // b's running task went back to pending, counting nothing
-    let again = s.assign("a", 8);
-    assert!(again.iter().any(|(t, _)| *t == running[0].0), "{again:?}");
+    // b's running task carries on there, until given up: then it goes back to pending,
+    // counting nothing, and b is to stop it.
+    let (t, attempt) = running[0];
+    assert!(!s.assign("a", 8).iter().any(|(r, _)| *r == t));
+    assert_eq!(s.continuing_on("b"), 1);
+    s.abandon_continuing("b");
+    assert_eq!(s.continuing_on("b"), 0);
+    assert_eq!(s.take_cancels("b"), vec![(t, attempt)]);
+    assert!(s.assign("a", 8).iter().any(|(r, _)| *r == t));
     assert!(s.stages[&2].failures.iter().all(|f| *f == 0));
     assert!(s.decommission("z").is_none());
 }
