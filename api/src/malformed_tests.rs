@@ -41,6 +41,23 @@ fn with(at: &str, value: Value) -> String {
     serde_yaml::to_string(&doc).unwrap()
 }
 
+/// The field a JSON pointer names, as errors name it: `/spec/inputs/0/uri` is
+/// `spec.inputs[0].uri`.
+fn field_at(pointer: &str) -> String {
+    let mut field = String::new();
+    for part in pointer.split('/').skip(1) {
+        if part.parse::<usize>().is_ok() {
+            field.push_str(&format!("[{part}]"));
+        } else {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(part);
+        }
+    }
+    field
+}
+
 /// The fields an error names.
 fn fields(result: crate::Result<crate::JobSpec>) -> Vec<String> {
     match result {
@@ -62,213 +79,86 @@ fn the_starting_point_is_good() {
 #[test]
 fn every_malformed_spec_is_refused_naming_its_field() {
     let long = "a".repeat(crate::MAX_JOB_NAME_LENGTH + 1);
-    let cases: Vec<(&str, Value, &str)> = vec![
-        ("/metadata/name", json!("Upper"), "metadata.name"),
-        (
-            "/metadata/name",
-            json!("1starts-with-digit"),
-            "metadata.name",
-        ),
-        ("/metadata/name", json!("has.dot"), "metadata.name"),
-        ("/metadata/name", json!("under_score"), "metadata.name"),
-        ("/metadata/name", json!("-leading"), "metadata.name"),
-        ("/metadata/name", json!("trailing-"), "metadata.name"),
-        ("/metadata/name", json!(long), "metadata.name"),
-        ("/metadata/name", json!(""), "metadata.name"),
-        ("/spec/executors/count", json!(0), "spec.executors.count"),
-        ("/spec/executors/count", json!(513), "spec.executors.count"),
-        ("/spec/executors/count", json!(-1), "spec.executors.count"),
-        (
-            "/spec/executors/count",
-            json!("three"),
-            "spec.executors.count",
-        ),
-        ("/spec/executors/count", json!(1e20), "spec.executors.count"),
-        (
-            "/spec/executors/memory",
-            json!("1e99"),
-            "spec.executors.memory",
-        ),
-        (
-            "/spec/executors/memory",
-            json!("4GB"),
-            "spec.executors.memory",
-        ),
-        (
-            "/spec/executors/memory",
-            json!("0"),
-            "spec.executors.memory",
-        ),
-        (
-            "/spec/executors/memory",
-            json!("64Ti"),
-            "spec.executors.memory",
-        ),
-        (
-            "/spec/executors/memory",
-            json!("-1Gi"),
-            "spec.executors.memory",
-        ),
-        (
-            "/spec/executors/memory",
-            json!("99999999999999999999Ti"),
-            "spec.executors.memory",
-        ),
-        ("/spec/executors/cpu", json!("0"), "spec.executors.cpu"),
-        ("/spec/executors/cpu", json!("2000"), "spec.executors.cpu"),
-        (
-            "/spec/executors/cpu",
-            json!("2 cores"),
-            "spec.executors.cpu",
-        ),
-        ("/spec/driver/memory", json!("huge"), "spec.driver.memory"),
-        ("/spec/driver/cpu", json!("1e300"), "spec.driver.cpu"),
-        ("/spec/executors/slots", json!(0), "spec.executors.slots"),
-        ("/spec/executors/slots", json!(5000), "spec.executors.slots"),
-        (
-            "/spec/executors/placement",
-            json!("Cheap"),
-            "spec.executors.placement",
-        ),
-        (
-            "/spec/shufflePartitions",
-            json!(0),
-            "spec.shufflePartitions",
-        ),
-        (
-            "/spec/shufflePartitions",
-            json!(100_001),
-            "spec.shufflePartitions",
-        ),
-        (
-            "/spec/failurePolicy/maxTaskAttempts",
-            json!(0),
-            "spec.failurePolicy.maxTaskAttempts",
-        ),
-        (
-            "/spec/failurePolicy/maxTaskAttempts",
-            json!(1000),
-            "spec.failurePolicy.maxTaskAttempts",
-        ),
-        (
-            "/spec/failurePolicy/maxStageAttempts",
-            json!(0),
-            "spec.failurePolicy.maxStageAttempts",
-        ),
-        (
-            "/spec/failurePolicy/maxExecutorLosses",
-            json!(20_000),
-            "spec.failurePolicy.maxExecutorLosses",
-        ),
-        (
-            "/spec/failurePolicy/heartbeatTimeoutSeconds",
-            json!(0),
-            "spec.failurePolicy.heartbeatTimeoutSeconds",
-        ),
-        (
-            "/spec/failurePolicy/heartbeatTimeoutSeconds",
-            json!(4000),
-            "spec.failurePolicy.heartbeatTimeoutSeconds",
-        ),
-        (
-            "/spec/failurePolicy/driverGraceSeconds",
-            json!(4000),
-            "spec.failurePolicy.driverGraceSeconds",
-        ),
-        (
-            "/spec/failurePolicy/retries",
-            json!(3),
-            "spec.failurePolicy.retries",
-        ),
-        ("/spec/inputs/0/name", json!("1t"), "spec.inputs[0].name"),
-        ("/spec/inputs/0/name", json!("a-b"), "spec.inputs[0].name"),
-        ("/spec/inputs/0/uri", json!(""), "spec.inputs[0].uri"),
-        (
-            "/spec/inputs/0/format",
-            json!("xml"),
-            "spec.inputs[0].format",
-        ),
-        (
-            "/spec/inputs/0/options/delimiter",
-            json!(";;"),
-            "spec.inputs[0].options.delimiter",
-        ),
-        (
-            "/spec/inputs/0/options/quote",
-            json!("«"),
-            "spec.inputs[0].options.quote",
-        ),
-        (
-            "/spec/inputs/0/options/colour",
-            json!("red"),
-            "spec.inputs[0].options.colour",
-        ),
-        ("/spec/steps", json!([]), "spec.steps"),
-        (
-            "/spec/steps/0/name",
-            json!("select x"),
-            "spec.steps[0].name",
-        ),
-        ("/spec/steps/0/name", json!("t"), "spec.steps[0].name"),
-        ("/spec/steps/0/sql", json!("  "), "spec.steps[0].sql"),
-        ("/spec/steps/0/repeat", json!(0), "spec.steps[0].repeat"),
-        (
-            "/spec/steps/0/repeat",
-            json!(20_000),
-            "spec.steps[0].repeat",
-        ),
-        (
-            "/spec/steps/0/initial",
-            json!("SELECT 1"),
-            "spec.steps[0].initial",
-        ),
-        (
-            "/spec/steps/0/cache",
-            json!("Memroy"),
-            "spec.steps[0].cache",
-        ),
-        ("/spec/output/from", json!("nope"), "spec.output.from"),
-        ("/spec/output/uri", json!(""), "spec.output.uri"),
-        (
-            "/spec/output/uri",
-            json!("http://example.com/out/"),
-            "spec.output.uri",
-        ),
-        ("/spec/output/format", json!("xlsx"), "spec.output.format"),
-        ("/spec/maxResultBytes", json!("0"), "spec.maxResultBytes"),
-        (
-            "/spec/broadcastJoinThreshold",
-            json!("lots"),
-            "spec.broadcastJoinThreshold",
-        ),
-        (
-            "/spec/ttlSecondsAfterFinished",
-            json!(40_000_000),
-            "spec.ttlSecondsAfterFinished",
-        ),
-        (
-            "/spec/activeDeadlineSeconds",
-            json!(0),
-            "spec.activeDeadlineSeconds",
-        ),
-        (
-            "/spec/activeDeadlineSeconds",
-            json!(-5),
-            "spec.activeDeadlineSeconds",
-        ),
-        (
-            "/spec/executors/template/env",
-            json!([{"name": "KILN_TOKEN", "value": "x"}]),
-            "spec.executors.template.env[0].name",
-        ),
-        (
-            "/spec/driver/template/volumeMounts",
-            json!([{"name": "v", "mountPath": "/etc/kiln"}]),
-            "spec.driver.template.volumeMounts[0].mountPath",
-        ),
-        ("/spec/executor", json!({"count": 2}), "spec.executor"),
-        ("/spec/suspend", json!("yes"), "spec.suspend"),
-    ];
+    // Each malformed value at its JSON pointer: the error names the field there...
+    let mut cases: Vec<(&str, Value, String)> = [
+        ("/metadata/name", json!("Upper")),
+        ("/metadata/name", json!("1starts-with-digit")),
+        ("/metadata/name", json!("has.dot")),
+        ("/metadata/name", json!("under_score")),
+        ("/metadata/name", json!("-leading")),
+        ("/metadata/name", json!("trailing-")),
+        ("/metadata/name", json!(long)),
+        ("/metadata/name", json!("")),
+        ("/spec/executors/count", json!(0)),
+        ("/spec/executors/count", json!(513)),
+        ("/spec/executors/count", json!(-1)),
+        ("/spec/executors/count", json!("three")),
+        ("/spec/executors/count", json!(1e20)),
+        ("/spec/executors/memory", json!("1e99")),
+        ("/spec/executors/memory", json!("4GB")),
+        ("/spec/executors/memory", json!("0")),
+        ("/spec/executors/memory", json!("64Ti")),
+        ("/spec/executors/memory", json!("-1Gi")),
+        ("/spec/executors/memory", json!("99999999999999999999Ti")),
+        ("/spec/executors/cpu", json!("0")),
+        ("/spec/executors/cpu", json!("2000")),
+        ("/spec/executors/cpu", json!("2 cores")),
+        ("/spec/driver/memory", json!("huge")),
+        ("/spec/driver/cpu", json!("1e300")),
+        ("/spec/executors/slots", json!(0)),
+        ("/spec/executors/slots", json!(5000)),
+        ("/spec/executors/placement", json!("Cheap")),
+        ("/spec/shufflePartitions", json!(0)),
+        ("/spec/shufflePartitions", json!(100_001)),
+        ("/spec/failurePolicy/maxTaskAttempts", json!(0)),
+        ("/spec/failurePolicy/maxTaskAttempts", json!(1000)),
+        ("/spec/failurePolicy/maxStageAttempts", json!(0)),
+        ("/spec/failurePolicy/maxExecutorLosses", json!(20_000)),
+        ("/spec/failurePolicy/heartbeatTimeoutSeconds", json!(0)),
+        ("/spec/failurePolicy/heartbeatTimeoutSeconds", json!(4000)),
+        ("/spec/failurePolicy/driverGraceSeconds", json!(4000)),
+        ("/spec/failurePolicy/retries", json!(3)),
+        ("/spec/inputs/0/name", json!("1t")),
+        ("/spec/inputs/0/name", json!("a-b")),
+        ("/spec/inputs/0/uri", json!("")),
+        ("/spec/inputs/0/format", json!("xml")),
+        ("/spec/inputs/0/options/delimiter", json!(";;")),
+        ("/spec/inputs/0/options/quote", json!("«")),
+        ("/spec/inputs/0/options/colour", json!("red")),
+        ("/spec/steps", json!([])),
+        ("/spec/steps/0/name", json!("select x")),
+        ("/spec/steps/0/name", json!("t")),
+        ("/spec/steps/0/sql", json!(" ")),
+        ("/spec/steps/0/repeat", json!(0)),
+        ("/spec/steps/0/repeat", json!(20_000)),
+        ("/spec/steps/0/initial", json!("SELECT 1")),
+        ("/spec/steps/0/cache", json!("Memroy")),
+        ("/spec/output/from", json!("nope")),
+        ("/spec/output/uri", json!("")),
+        ("/spec/output/uri", json!("http://example.com/out/")),
+        ("/spec/output/format", json!("xlsx")),
+        ("/spec/maxResultBytes", json!("0")),
+        ("/spec/broadcastJoinThreshold", json!("lots")),
+        ("/spec/ttlSecondsAfterFinished", json!(40_000_000)),
+        ("/spec/activeDeadlineSeconds", json!(0)),
+        ("/spec/activeDeadlineSeconds", json!(-5)),
+        ("/spec/executor", json!({"count": 2})),
+        ("/spec/suspend", json!("yes")),
+    ]
+    .into_iter()
+    .map(|(at, value)| (at, value, field_at(at)))
+    .collect();
+    // ... or, where the value is a list, a field of its first item.
+    cases.push((
+        "/spec/executors/template/env",
+        json!([{"name": "KILN_TOKEN", "value": "x"}]),
+        "spec.executors.template.env[0].name".into(),
+    ));
+    cases.push((
+        "/spec/driver/template/volumeMounts",
+        json!([{"name": "v", "mountPath": "/etc/kiln"}]),
+        "spec.driver.template.volumeMounts[0].mountPath".into(),
+    ));
     assert!(cases.len() >= 50, "{} cases", cases.len());
     let mut wrong = Vec::new();
     for (at, value, field) in &cases {
