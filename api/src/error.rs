@@ -22,10 +22,14 @@ pub enum Error {
     /// A resource quantity (`4Gi`, `500m`) that does not parse.
     #[error("invalid quantity `{value}`: {reason}")]
     Quantity { value: String, reason: &'static str },
+    /// A job's TLS credentials could not be made or read.
+    #[error("cannot {what}: {message}")]
+    Tls { what: &'static str, message: String },
 }
 
 impl Error {
-    /// Why a job with this error fails: every error of this crate is a bad job file or spec.
+    /// Why a job with this error fails: a bad job file or spec, or (credentials) Kiln's own
+    /// fault.
     pub fn reason(&self) -> crate::FailureReason {
         match self {
             Error::ReadJobFile { .. }
@@ -33,6 +37,7 @@ impl Error {
             | Error::WrongKind { .. }
             | Error::Invalid(_)
             | Error::Quantity { .. } => crate::FailureReason::InvalidSpec,
+            Error::Tls { .. } => crate::FailureReason::Internal,
         }
     }
 }

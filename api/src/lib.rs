@@ -14,6 +14,7 @@ pub mod policy;
 mod quantity;
 mod report;
 mod spec;
+pub mod tls;
 mod validate;
 
 #[cfg(test)]

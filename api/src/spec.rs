@@ -69,7 +69,8 @@ use serde::{Deserialize, Serialize};
 ]))]
 pub struct JobSpec {
     /// Container image for the driver and executor pods. Ignored in local mode; defaults to
-    /// the operator's configured image.
+    /// the operator's configured image, and may name another only where the operator's
+    /// `admission.images` allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Resources of the driver.
@@ -147,15 +148,17 @@ pub struct PodTemplate {
     /// Whole ConfigMaps or Secrets as environment variables (storage credentials).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_from: Vec<EnvFromSource>,
-    /// Volumes added to the pods, e.g. a PersistentVolumeClaim holding input data.
+    /// Volumes added to the pods, e.g. a PersistentVolumeClaim holding input data: of the
+    /// types the operator's `admission.volumeTypes` allows (by default, no `hostPath`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::crd::volumes_schema")]
     pub volumes: Vec<Volume>,
     /// Where the container mounts those volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
-    /// Service account of the pods, for cloud identity (IRSA, Workload Identity). Set, the
-    /// pods get its token; unset, they run with no service-account token at all.
+    /// Service account of the pods, for cloud identity (IRSA, Workload Identity), where the
+    /// operator's `admission.allowServiceAccount` allows it. Set, the pods get its token;
+    /// unset, they run with no service-account token at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
 }

@@ -122,7 +122,7 @@ fn ensure_data(kiln: &Path, scale: f64, data: &Path) -> Result<()> {
 
 fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Box<dyn Peer>> {
     Ok(match name {
-        "kiln" | "kiln-kill" | "kiln-rerun" | "kiln-driver-kill" | "kiln-drain" => {
+        "kiln" | "kiln-kill" | "kiln-rerun" | "kiln-driver-kill" | "kiln-drain" | "kiln-plain" => {
             Box::new(KilnPeer::new(
                 kiln,
                 data,
@@ -135,13 +135,14 @@ fn make_peer(name: &str, args: &TpchArgs, kiln: &Path, data: &Path) -> Result<Bo
                     "kiln-rerun" => Failure::Rerun,
                     "kiln-driver-kill" => Failure::DriverKill,
                     "kiln-drain" => Failure::Drain,
+                    "kiln-plain" => Failure::Plain,
                     _ => Failure::None,
                 },
             ))
         }
         "datafusion" => Box::new(DataFusionPeer::new(data)?),
         other => bail!(
-            "unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, kiln-driver-kill, kiln-drain, datafusion)"
+            "unknown peer {other:?} (known: kiln, kiln-kill, kiln-rerun, kiln-driver-kill, kiln-drain, kiln-plain, datafusion)"
         ),
     })
 }

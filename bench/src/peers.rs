@@ -60,6 +60,9 @@ pub enum Failure {
     /// at the chosen point: its outputs move to the others; the job allows no executor
     /// loss at all, so a drain that counted against the budget would fail it.
     Drain,
+    /// No failure, and plain connections (`kiln run --no-tls`): beside [`Failure::None`],
+    /// what mutual TLS costs.
+    Plain,
 }
 
 /// Kiln through its CLI: `kiln run job.yaml --executors N`, one process per query, writing
@@ -156,6 +159,9 @@ impl KilnPeer {
         if let Some(event) = chaos {
             command.args(["--chaos", event, "--chaos-seed", "1"]);
         }
+        if self.failure == Failure::Plain {
+            command.arg("--no-tls");
+        }
         let output = command
             .output()
             .with_context(|| format!("cannot start {}", self.binary.display()))?;
@@ -174,6 +180,7 @@ impl Peer for KilnPeer {
             Failure::Rerun => "kiln-rerun",
             Failure::DriverKill => "kiln-driver-kill",
             Failure::Drain => "kiln-drain",
+            Failure::Plain => "kiln-plain",
         }
     }
 
@@ -183,7 +190,7 @@ impl Peer for KilnPeer {
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let started = Instant::now();
         let (output, summary) = match self.failure {
-            Failure::None => self.run_once(query, &dir, 20, None)?,
+            Failure::None | Failure::Plain => self.run_once(query, &dir, 20, None)?,
             Failure::Kill => self.run_once(query, &dir, 20, Some(&self.kill))?,
             Failure::DriverKill => self.run_once(query, &dir, 20, Some(&self.driver_kill))?,
             Failure::Drain => self.run_once(query, &dir, 0, Some(&self.drain))?,

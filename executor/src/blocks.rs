@@ -86,7 +86,7 @@ pub struct BlockStoreStats {
 /// Blocks of one executor.
 pub struct BlockStore {
     inner: Mutex<Inner>,
-    budget: u64,
+    budget: AtomicU64,
     dir: PathBuf,
     seq: AtomicU64,
     /// Spill counters.
@@ -114,11 +114,17 @@ impl BlockStore {
     pub fn new(budget: u64, dir: impl Into<PathBuf>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
-            budget,
+            budget: AtomicU64::new(budget),
             dir: dir.into(),
             seq: AtomicU64::new(0),
             stats: BlockStoreStats::default(),
         }
+    }
+
+    /// Keeps at most `budget` bytes in memory from now on (an executor learns its budget
+    /// from the job spec its driver sends, after its block service started).
+    pub fn set_budget(&self, budget: u64) {
+        self.budget.store(budget, Ordering::SeqCst);
     }
 
     /// Bytes held in memory now.
@@ -234,7 +240,7 @@ impl BlockStore {
         loop {
             let victim = {
                 let mut inner = self.inner.lock().unwrap();
-                if inner.in_memory <= self.budget {
+                if inner.in_memory <= self.budget.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 let Some((id, idx)) = inner

@@ -6,6 +6,9 @@
 pub mod blocks;
 pub mod driver;
 mod error;
+pub mod guard;
+#[cfg(test)]
+mod guard_tests;
 pub mod local;
 pub mod plan;
 pub mod session;

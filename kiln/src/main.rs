@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln_api::launch::{DriverLaunch, ExecutorLaunch};
+use kiln_api::tls::{Role, TlsIdentity};
 
 /// Spark-style batch compute on Kubernetes, in Rust.
 #[derive(Parser)]
@@ -140,6 +141,13 @@ async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
             return Err(e.into());
         }
     };
+    let tls = match TlsIdentity::from_env(Role::Driver) {
+        Ok(tls) => tls,
+        Err(e) => {
+            report_early(e.reason(), e.to_string())?;
+            return Err(e.into());
+        }
+    };
     let started = kiln_executor::driver::Driver::start(
         &spec,
         kiln_executor::driver::DriverOptions {
@@ -152,6 +160,7 @@ async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
             job_uid: args.job_uid,
             epoch: args.epoch,
             attach: args.attach,
+            tls,
         },
     )
     .await;
@@ -216,6 +225,7 @@ async fn executor(args: ExecutorLaunch) -> anyhow::Result<std::process::ExitCode
         work_dir: args.work_dir,
         token: args.token,
         faults: args.faults,
+        tls: TlsIdentity::from_env(Role::Executor)?,
     })
     .await?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -50,6 +50,11 @@ pub struct RunArgs {
     /// repeated).
     #[arg(long)]
     chaos_seed: Option<u64>,
+    /// Plain connections between the driver and the executors, for measuring what TLS
+    /// costs (by default every connection is mutual TLS, with certificates made for this
+    /// run alone).
+    #[arg(long)]
+    no_tls: bool,
 }
 
 /// Makes relative local paths of inputs and output relative to the job file's folder, so a
@@ -203,6 +208,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ),
         chaos: args.chaos.clone(),
         chaos_seed,
+        tls: !args.no_tls,
         ..LocalOptions::new(
             spec.executors.count,
             std::env::current_exe().context("locating the kiln program")?,

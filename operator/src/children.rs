@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kiln_api::ComputeJob;
 use kiln_api::crd::{LABEL_JOB, LABEL_ROLE, ROLE_DRIVER};
 use kiln_api::launch::DRIVER_PORT;
+use kiln_api::tls::{JobCredentials, KeyedCert, Role, TlsIdentity};
 use kube::{Resource, ResourceExt};
 
 /// The field manager of every server-side apply the operator makes.
@@ -80,15 +81,89 @@ pub fn spec_config_map(job: &ComputeJob) -> ConfigMap {
     }
 }
 
-/// The Secret with the job's token: the driver accepts only executors that present it.
-pub fn token_secret(job: &ComputeJob, token: &str) -> Secret {
+/// Key of the job's CA certificate in the token Secret.
+pub const CA_KEY: &str = "ca.crt";
+
+/// Key of a role's certificate in the token Secret (`driver.crt`).
+pub fn cert_key(role: Role) -> String {
+    format!("{role}.crt")
+}
+
+/// Key of a role's private key in the token Secret (`driver.key`).
+pub fn private_key_key(role: Role) -> String {
+    format!("{role}.key")
+}
+
+/// What a job's Secret holds: the token its processes present, and the job's TLS
+/// credentials (absent for a job made before Kiln spoke TLS: it keeps plain connections).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSecret {
+    /// The per-job token.
+    pub token: String,
+    /// The job's CA and a certificate per role.
+    pub credentials: Option<JobCredentials>,
+}
+
+impl JobSecret {
+    /// A new job's: a fresh token and fresh credentials, named after `job`.
+    pub fn new(job: &str) -> Result<Self, kiln_api::Error> {
+        Ok(JobSecret {
+            token: new_token(),
+            credentials: Some(JobCredentials::issue(job)?),
+        })
+    }
+
+    /// What an existing Secret's `data` holds: None without a token; credentials only when
+    /// every key of them is there.
+    pub fn from_data(data: &BTreeMap<String, ByteString>) -> Option<Self> {
+        let text = |key: &str| {
+            data.get(key)
+                .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                .filter(|t| !t.is_empty())
+        };
+        let token = text(TOKEN_KEY)?;
+        let credentials = (|| {
+            let mut roles = BTreeMap::new();
+            for role in Role::ALL {
+                let cert = text(&cert_key(role))?;
+                let key = text(&private_key_key(role))?;
+                roles.insert(role, KeyedCert { cert, key });
+            }
+            Some(JobCredentials {
+                ca: text(CA_KEY)?,
+                roles,
+            })
+        })();
+        Some(JobSecret { token, credentials })
+    }
+
+    /// The Secret's `data`.
+    fn data(&self) -> BTreeMap<String, ByteString> {
+        let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+        let mut data = BTreeMap::from([(TOKEN_KEY.to_string(), bytes(&self.token))]);
+        if let Some(c) = &self.credentials {
+            data.insert(CA_KEY.into(), bytes(&c.ca));
+            for (role, own) in &c.roles {
+                data.insert(cert_key(*role), bytes(&own.cert));
+                data.insert(private_key_key(*role), bytes(&own.key));
+            }
+        }
+        data
+    }
+
+    /// The operator's identity towards the job's driver (None: plain connections).
+    pub fn operator_tls(&self) -> Option<TlsIdentity> {
+        self.credentials.as_ref()?.identity(Role::Operator)
+    }
+}
+
+/// The Secret with the job's token and TLS credentials: the driver accepts only executors
+/// that present the token, and every connection of the job is mutual TLS under its CA.
+pub fn token_secret(job: &ComputeJob, secret: &JobSecret) -> Secret {
     Secret {
         metadata: child_meta(job, token_secret_name(&job.name_any()), &[]),
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            TOKEN_KEY.to_string(),
-            ByteString(token.as_bytes().to_vec()),
-        )])),
+        data: Some(secret.data()),
         ..Default::default()
     }
 }
@@ -158,9 +233,46 @@ mod tests {
             Some("None")
         );
         assert_eq!(svc.metadata.name.as_deref(), Some("wc-driver"));
-        let secret = token_secret(&j, "abc");
-        assert_eq!(secret.data.unwrap()[TOKEN_KEY].0, b"abc");
+        let plain = JobSecret {
+            token: "abc".into(),
+            credentials: None,
+        };
+        let secret = token_secret(&j, &plain);
+        let data = secret.data.unwrap();
+        assert_eq!(data[TOKEN_KEY].0, b"abc");
+        assert_eq!(
+            data.len(),
+            1,
+            "a job made before TLS keeps plain connections"
+        );
+        assert_eq!(JobSecret::from_data(&data), Some(plain));
         assert_ne!(new_token(), new_token());
         assert_eq!(new_token().len(), 64);
+    }
+
+    #[test]
+    fn a_new_jobs_secret_holds_its_credentials_and_reads_back() {
+        let fresh = JobSecret::new("wc").unwrap();
+        let data = token_secret(&job("wc"), &fresh).data.unwrap();
+        for key in [
+            "token",
+            "ca.crt",
+            "driver.crt",
+            "driver.key",
+            "executor.crt",
+            "executor.key",
+            "operator.crt",
+            "operator.key",
+        ] {
+            assert!(data.contains_key(key), "{key}");
+        }
+        assert_eq!(JobSecret::from_data(&data), Some(fresh.clone()));
+        assert_eq!(fresh.operator_tls().unwrap().role, Role::Operator);
+        // A Secret missing a key of the credentials keeps the token, not half an identity.
+        let mut partial = data.clone();
+        partial.remove("executor.key");
+        let read = JobSecret::from_data(&partial).unwrap();
+        assert_eq!((read.token, read.credentials), (fresh.token, None));
+        assert_eq!(JobSecret::from_data(&BTreeMap::new()), None);
     }
 }

@@ -71,6 +71,15 @@ pub struct OperatorConfig {
     /// metadata services are refused whatever it says; a refused job fails `InvalidSpec`
     /// naming the field.
     pub locations: kiln_api::LocationPolicy,
+    /// What jobs may ask of the cluster through their pods: `images` they may run besides
+    /// the operator's own (exact, or a prefix ending in `*`; default none), `volumeTypes`
+    /// their pod templates may add (default: no `hostPath`), and `allowServiceAccount`
+    /// (default false). A refused job fails `InvalidSpec` naming the field.
+    pub admission: crate::admission::AdmissionPolicy,
+    /// Each job's NetworkPolicy (`enabled`, default true): its pods accept connections only
+    /// from pods of the same job, and its driver also from the operator's pods
+    /// (`operatorPodLabels` in `operatorNamespace`, which the chart sets).
+    pub network_policy: crate::netpol::NetworkPolicyConfig,
 }
 
 impl Default for OperatorConfig {
@@ -104,6 +113,8 @@ impl Default for OperatorConfig {
             max_replacement_backoff_seconds: 30,
             silence_settle_seconds: 60,
             locations: kiln_api::LocationPolicy::cluster(),
+            admission: crate::admission::AdmissionPolicy::default(),
+            network_policy: crate::netpol::NetworkPolicyConfig::default(),
             disruption_taints: [
                 "karpenter.sh/disrupted",
                 "karpenter.sh/disruption",

@@ -10,7 +10,10 @@ use kiln_api::rpc::driver_client::DriverClient;
 use kiln_api::rpc::{
     DecommissionRequest, ExecutorLostRequest, JobStatusRequest, JobStatusResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use kiln_api::tls::{self, Role};
+use tonic::transport::Channel;
+
+use crate::children::JobSecret;
 
 use crate::podstate::LossReason;
 
@@ -56,14 +59,14 @@ pub trait DriverApi: Send + Sync {
         executor: &str,
         reason: LossReason,
         occurred_unix_ms: u64,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<bool, DriverCallError>;
 
     /// The job's progress so far.
     async fn job_status(
         &self,
         driver_ip: &str,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<JobStatusResponse, DriverCallError>;
 
     /// Gives the driver notice that `executor` is going (`cause` says why, given at
@@ -75,11 +78,11 @@ pub trait DriverApi: Send + Sync {
         executor: &str,
         cause: &str,
         occurred_unix_ms: u64,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<bool, DriverCallError>;
 }
 
-/// The real driver client: one lazily connected channel per driver address.
+/// The real driver client: one lazily connected channel per driver address and job.
 #[derive(Default)]
 pub struct GrpcDriver {
     channels: Mutex<HashMap<String, Channel>>,
@@ -89,13 +92,22 @@ pub struct GrpcDriver {
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl GrpcDriver {
-    fn client(&self, ip: &str) -> Result<DriverClient<Channel>, DriverCallError> {
+    /// A client of the driver at `ip`, of the job whose Secret is `secret`: over TLS with
+    /// the job's operator certificate when it has credentials. Channels are kept per
+    /// driver address and job (an address may be another job's driver later).
+    fn client(
+        &self,
+        ip: &str,
+        secret: &JobSecret,
+    ) -> Result<DriverClient<Channel>, DriverCallError> {
+        let key = format!("{ip}/{}", secret.token);
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(ip) {
+        if let Some(c) = channels.get(&key) {
             return Ok(DriverClient::new(c.clone()));
         }
         let address = format!("http://{ip}:{DRIVER_PORT}");
-        let channel = Endpoint::from_shared(address.clone())
+        let tls = secret.operator_tls();
+        let channel = tls::endpoint(&address, tls.as_ref(), Role::Driver)
             .map_err(|source| DriverCallError::Address { address, source })?
             .connect_timeout(Duration::from_secs(1))
             .timeout(CALL_TIMEOUT)
@@ -104,7 +116,7 @@ impl GrpcDriver {
         if channels.len() > 256 {
             channels.clear();
         }
-        channels.insert(ip.to_string(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(DriverClient::new(channel))
     }
 }
@@ -117,14 +129,14 @@ impl DriverApi for GrpcDriver {
         executor: &str,
         reason: LossReason,
         occurred_unix_ms: u64,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<bool, DriverCallError> {
         let response = self
-            .client(driver_ip)?
+            .client(driver_ip, secret)?
             .executor_lost(ExecutorLostRequest {
                 executor_id: executor.to_string(),
                 reason: reason.as_str().to_string(),
-                token: token.to_string(),
+                token: secret.token.clone(),
                 occurred_unix_ms,
             })
             .await
@@ -135,12 +147,12 @@ impl DriverApi for GrpcDriver {
     async fn job_status(
         &self,
         driver_ip: &str,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<JobStatusResponse, DriverCallError> {
         let response = self
-            .client(driver_ip)?
+            .client(driver_ip, secret)?
             .job_status(JobStatusRequest {
-                token: token.to_string(),
+                token: secret.token.clone(),
             })
             .await
             .map_err(call_failed("JobStatus", driver_ip))?;
@@ -153,14 +165,14 @@ impl DriverApi for GrpcDriver {
         executor: &str,
         cause: &str,
         occurred_unix_ms: u64,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<bool, DriverCallError> {
         let response = self
-            .client(driver_ip)?
+            .client(driver_ip, secret)?
             .decommission(DecommissionRequest {
                 executor_id: executor.to_string(),
                 cause: cause.to_string(),
-                token: token.to_string(),
+                token: secret.token.clone(),
                 occurred_unix_ms,
             })
             .await

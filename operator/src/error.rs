@@ -28,6 +28,13 @@ pub enum Error {
         name: String,
         source: kube::Error,
     },
+    /// Making a new job's TLS credentials failed.
+    #[error("making the TLS credentials of ComputeJob {namespace}/{name}: {source}")]
+    Credentials {
+        namespace: String,
+        name: String,
+        source: kiln_api::Error,
+    },
     /// A server-side apply of a child object failed.
     #[error("applying {kind} {namespace}/{name}: {source}")]
     Apply {
@@ -103,6 +110,7 @@ impl Error {
         match self {
             Error::GetJob { .. } | Error::ListPods { .. } | Error::GetNode { .. } => "Read",
             Error::GetSecret { .. } => "Read",
+            Error::Credentials { .. } => "Credentials",
             Error::Apply { .. } => "Apply",
             Error::DeletePod { .. } | Error::DeleteJob { .. } => "Delete",
             Error::PatchStatus { .. } => "Status",

@@ -12,12 +12,14 @@
 // would only obscure the variants.
 #![allow(clippy::result_large_err)]
 
+pub mod admission;
 pub mod children;
 pub mod config;
 pub mod driver;
 mod error;
 pub mod leader;
 pub mod metrics;
+pub mod netpol;
 pub mod pods;
 pub mod podstate;
 pub mod rbac;

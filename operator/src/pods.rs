@@ -15,12 +15,13 @@ use kiln_api::launch::{
     DEFAULT_EXECUTOR_HOST, DRIVER_PORT, DriverLaunch, ENV_ADVERTISE_HOST, ENV_JOB_UID, ENV_TOKEN,
     EXECUTOR_PORT, ExecutorLaunch, default_driver_bind,
 };
+use kiln_api::tls::{ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY, Role as TlsRole};
 use kiln_api::{ComputeJob, Placement, PodTemplate};
 use kube::ResourceExt;
 
 use crate::children::{
-    SPEC_KEY, TOKEN_KEY, child_meta, driver_name, executor_name, spec_config_map_name,
-    token_secret_name,
+    CA_KEY, SPEC_KEY, TOKEN_KEY, cert_key, child_meta, driver_name, executor_name, private_key_key,
+    spec_config_map_name, token_secret_name,
 };
 use crate::config::OperatorConfig;
 
@@ -230,6 +231,30 @@ fn token_env(job: &str) -> EnvVar {
     }
 }
 
+/// The job's CA and `role`'s certificate and key, from the job's Secret. Optional: a job
+/// whose Secret predates TLS has none, and its processes keep plain connections.
+fn tls_env(job: &str, role: TlsRole) -> Vec<EnvVar> {
+    [
+        (ENV_TLS_CA, CA_KEY.to_string()),
+        (ENV_TLS_CERT, cert_key(role)),
+        (ENV_TLS_KEY, private_key_key(role)),
+    ]
+    .into_iter()
+    .map(|(name, key)| EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: token_secret_name(job),
+                key,
+                optional: Some(true),
+            }),
+            ..Default::default()
+        }),
+    })
+    .collect()
+}
+
 struct Role<'a> {
     name: &'static str,
     pod_name: String,
@@ -412,6 +437,7 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>
         .map(|(k, v)| (k, v.to_string())),
     );
     let mut env_vars = vec![token_env(&job)];
+    env_vars.extend(tls_env(&job, TlsRole::Driver));
     env_vars.extend(ctx.job.uid().map(|uid| env(ENV_JOB_UID, uid)));
     pod(
         ctx,
@@ -486,10 +512,13 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
             affinity,
             tolerations,
             args: launch.command_line(),
-            env: vec![
+            env: [
                 env_from_field(ENV_ADVERTISE_HOST, "status.podIP"),
                 token_env(&job),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_env(&job, TlsRole::Executor))
+            .collect(),
             cpu: &spec.executors.cpu,
             memory_bytes: kiln_api::parse_memory(&spec.executors.memory).unwrap_or(2 << 30),
             volumes: Vec::new(),

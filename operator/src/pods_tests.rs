@@ -233,6 +233,19 @@ fn executors_follow_their_placement() {
     );
     let token = field(ENV_TOKEN).and_then(|f| f.secret_key_ref).unwrap();
     assert_eq!(token.name, "wc-token");
+    // The executor's certificate and key and the job's CA, from the same Secret (optional:
+    // a job made before TLS has none).
+    for (var, key) in [
+        ("KILN_TLS_CA", "ca.crt"),
+        ("KILN_TLS_CERT", "executor.crt"),
+        ("KILN_TLS_KEY", "executor.key"),
+    ] {
+        let r = field(var).and_then(|f| f.secret_key_ref).unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.key.as_str(), r.optional),
+            ("wc-token", key, Some(true))
+        );
+    }
     // The spill directory exists before the executor starts: a subPath of the scratch
     // volume, which the kubelet creates.
     let mounts = p.spec.as_ref().unwrap().containers[0]

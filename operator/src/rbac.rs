@@ -28,8 +28,21 @@ pub const RULES: &[Rule] = &[
     // The children: watched (owned), server-side applied, pods deleted on loss or suspend.
     Rule {
         api_groups: &[""],
-        resources: &["pods", "services", "configmaps", "secrets"],
+        resources: &["pods", "services", "configmaps"],
         verbs: &["get", "list", "watch", "create", "patch", "delete"],
+    },
+    // The job's token Secret: made, then read by name; never listed or watched, so the
+    // operator cannot read Secrets it did not make without knowing their names.
+    Rule {
+        api_groups: &[""],
+        resources: &["secrets"],
+        verbs: &["get", "create", "patch", "delete"],
+    },
+    // The job's NetworkPolicy: server-side applied, garbage-collected with the job.
+    Rule {
+        api_groups: &["networking.k8s.io"],
+        resources: &["networkpolicies"],
+        verbs: &["get", "create", "patch"],
     },
     // Whether a pod's node is lost; nodes' disruption taints and allocatable resources.
     Rule {

@@ -17,7 +17,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::children::{FIELD_MANAGER, TOKEN_KEY, new_token, token_secret_name};
+use crate::children::{FIELD_MANAGER, JobSecret, token_secret_name};
 use crate::config::OperatorConfig;
 use crate::driver::DriverApi;
 use crate::metrics::Metrics;
@@ -48,7 +48,7 @@ pub struct Context {
     /// The cluster's nodes as a watch keeps them (None in tests without one): their
     /// disruption taints and allocatable resources.
     pub nodes: Option<Store<Node>>,
-    tokens: Mutex<HashMap<String, String>>,
+    secrets: Mutex<HashMap<String, JobSecret>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -76,22 +76,22 @@ impl Context {
             recorder,
             clock: now_seconds,
             nodes: None,
-            tokens: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The job's token: cached, else from its Secret, else a new one (the plan applies the
-    /// Secret before any pod uses it).
-    async fn token(&self, job: &ComputeJob, ns: &str) -> Result<String> {
+    /// The job's token and TLS credentials: cached, else from its Secret, else new ones
+    /// (the plan applies the Secret before any pod uses it).
+    async fn secret(&self, job: &ComputeJob, ns: &str) -> Result<JobSecret> {
         let key = job.uid().unwrap_or_else(|| job.name_any());
-        if let Some(t) = self
-            .tokens
+        if let Some(s) = self
+            .secrets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return Ok(t.clone());
+            return Ok(s.clone());
         }
         let name = token_secret_name(&job.name_any());
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
@@ -103,16 +103,21 @@ impl Context {
                 name: name.clone(),
                 source,
             })?
-            .and_then(|s| s.data?.remove(TOKEN_KEY))
-            .and_then(|b| String::from_utf8(b.0).ok())
-            .filter(|t| !t.is_empty());
-        let token = existing.unwrap_or_else(new_token);
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        if tokens.len() > 4096 {
-            tokens.clear();
+            .and_then(|s| JobSecret::from_data(&s.data?));
+        let secret = match existing {
+            Some(s) => s,
+            None => JobSecret::new(&key).map_err(|source| Error::Credentials {
+                namespace: ns.into(),
+                name: job.name_any(),
+                source,
+            })?,
+        };
+        let mut cache = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() > 4096 {
+            cache.clear();
         }
-        tokens.insert(key, token.clone());
-        Ok(token)
+        cache.insert(key, secret.clone());
+        Ok(secret)
     }
 
     /// The retry delay after a failed reconcile of `key`: doubling from 1 s to 5 minutes.
@@ -139,6 +144,7 @@ pub fn job_key(job: &ComputeJob) -> String {
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
         + Clone
         + Serialize
         + DeserializeOwned
@@ -153,12 +159,7 @@ where
     )
     .await
     .map_err(|source| Error::Apply {
-        kind: match K::kind(&()).as_ref() {
-            "Pod" => "Pod",
-            "Service" => "Service",
-            "Secret" => "Secret",
-            _ => "ConfigMap",
-        },
+        kind: <K as k8s_openapi::Resource>::KIND,
         namespace: ns.into(),
         name,
         source,
@@ -281,13 +282,16 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
     } else {
         lost_nodes(client, &listed).await?
     };
-    // The token is needed to start a driver or talk to one: not for a finished, suspended or
-    // invalid job.
+    // The token and credentials are needed to start a driver or talk to one: not for a
+    // finished, suspended or invalid job.
     let active = !finished && !job.spec.suspend && kiln_api::validate(&job.spec).is_empty();
-    let token = if active {
-        ctx.token(&job, &ns).await?
+    let secret = if active {
+        ctx.secret(&job, &ns).await?
     } else {
-        String::new()
+        JobSecret {
+            token: String::new(),
+            credentials: None,
+        }
     };
     let driver_ip = listed
         .iter()
@@ -301,7 +305,7 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
         .and_then(podstate::ip)
         .map(str::to_string);
     let progress = match (&driver_ip, active) {
-        (Some(ip), true) => match ctx.driver.job_status(ip, &token).await {
+        (Some(ip), true) => match ctx.driver.job_status(ip, &secret).await {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::debug!(job = %key, error = %e, "driver progress unavailable");
@@ -316,20 +320,22 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
     } else {
         node_capacity(ctx, &listed)
     };
-    let plan = Planner {
+    let planner = Planner {
         config: &ctx.config,
         default_image: &ctx.default_image,
-    }
-    .plan(&Observed {
+    };
+    let observed = Observed {
         job: &job,
         pods: &listed,
         lost_nodes: &lost_nodes,
         noticed_nodes: &noticed,
         node_capacity: capacity.as_deref(),
         progress: progress.as_ref(),
-        token: &token,
+        secret: &secret,
         now: (ctx.clock)(),
-    });
+        refused: None,
+    };
+    let mut plan = planner.plan(&observed);
     for (executor, reason) in &plan.losses {
         tracing::warn!(job = %key, executor, reason = reason.as_str(), "executor lost");
         ctx.metrics.executor_lost(reason.as_str());
@@ -337,7 +343,19 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
     for _ in 0..plan.departures {
         ctx.metrics.departed(&key, started);
     }
-    carry_out(&job, &ns, ctx, &plan, &token).await?;
+    if let Err(e) = carry_out(&job, &ns, ctx, &plan, &secret).await {
+        // An object the API server refuses as invalid is refused again on every retry: the
+        // job fails, naming it, instead of retrying forever.
+        let Some(why) = invalid_object(&e) else {
+            return Err(e);
+        };
+        tracing::warn!(job = %key, error = %e, "the API server refuses the job's objects; failing it");
+        plan = planner.plan(&Observed {
+            refused: Some(&why),
+            ..observed
+        });
+        carry_out(&job, &ns, ctx, &plan, &secret).await?;
+    }
 
     if job.status.as_ref() != Some(&plan.status) {
         let patch = serde_json::json!({
@@ -394,12 +412,26 @@ async fn reconcile_inner(job: &ComputeJob, ctx: &Context, started: Instant) -> R
         .unwrap_or_else(Requeue::await_change))
 }
 
+/// What the API server said, when `e` is its refusal of an object as invalid (400, 422):
+/// the same object is refused again however often it is applied.
+fn invalid_object(e: &Error) -> Option<String> {
+    match e {
+        Error::Apply {
+            kind,
+            name,
+            source: kube::Error::Api(status),
+            ..
+        } if matches!(status.code, 400 | 422) => Some(format!("{kind} {name}: {}", status.message)),
+        _ => None,
+    }
+}
+
 async fn carry_out(
     job: &ComputeJob,
     ns: &str,
     ctx: &Context,
     plan: &Plan,
-    token: &str,
+    secret: &JobSecret,
 ) -> Result<()> {
     let client = &ctx.client;
     let key = job_key(job);
@@ -408,6 +440,7 @@ async fn carry_out(
             Action::Apply(Child::ConfigMap(cm)) => apply(client, ns, cm.as_ref()).await?,
             Action::Apply(Child::Secret(s)) => apply(client, ns, s.as_ref()).await?,
             Action::Apply(Child::Service(s)) => apply(client, ns, s.as_ref()).await?,
+            Action::Apply(Child::NetworkPolicy(p)) => apply(client, ns, p.as_ref()).await?,
             Action::Apply(Child::Pod(p)) => {
                 apply(client, ns, p.as_ref()).await?;
                 let executor = p
@@ -447,7 +480,7 @@ async fn carry_out(
                 // The driver's heartbeat timeout is the fallback if it cannot be told.
                 if let Err(e) = ctx
                     .driver
-                    .executor_lost(driver_ip, executor, *reason, *occurred_unix_ms, token)
+                    .executor_lost(driver_ip, executor, *reason, *occurred_unix_ms, secret)
                     .await
                 {
                     ctx.metrics.error("DriverRpc");
@@ -463,7 +496,7 @@ async fn carry_out(
                 // The executor's own SIGTERM, or the loss once it goes, covers a failed call.
                 if let Err(e) = ctx
                     .driver
-                    .decommission(driver_ip, executor, cause, *occurred_unix_ms, token)
+                    .decommission(driver_ip, executor, cause, *occurred_unix_ms, secret)
                     .await
                 {
                     ctx.metrics.error("DriverRpc");

@@ -12,6 +12,7 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tower_test::mock::{Handle, SendResponse};
 
+use crate::children::JobSecret;
 use crate::config::OperatorConfig;
 use crate::driver::{DriverApi, DriverCallError};
 use crate::metrics::Metrics;
@@ -33,11 +34,12 @@ impl DriverApi for FakeDriver {
         executor: &str,
         reason: LossReason,
         _occurred_unix_ms: u64,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<bool, DriverCallError> {
         self.calls.lock().unwrap().push(format!(
-            "ExecutorLost {driver_ip} {executor} {} {token}",
-            reason.as_str()
+            "ExecutorLost {driver_ip} {executor} {} {}",
+            reason.as_str(),
+            secret.token
         ));
         Ok(true)
     }
@@ -45,12 +47,12 @@ impl DriverApi for FakeDriver {
     async fn job_status(
         &self,
         driver_ip: &str,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<JobStatusResponse, DriverCallError> {
         self.calls
             .lock()
             .unwrap()
-            .push(format!("JobStatus {driver_ip} {token}"));
+            .push(format!("JobStatus {driver_ip} {}", secret.token));
         Ok(JobStatusResponse {
             stages_total: 2,
             stages_done: 1,
@@ -67,10 +69,11 @@ impl DriverApi for FakeDriver {
         executor: &str,
         cause: &str,
         _occurred_unix_ms: u64,
-        token: &str,
+        secret: &JobSecret,
     ) -> Result<bool, DriverCallError> {
         self.calls.lock().unwrap().push(format!(
-            "Decommission {driver_ip} {executor} {cause} {token}"
+            "Decommission {driver_ip} {executor} {cause} {}",
+            secret.token
         ));
         Ok(true)
     }
@@ -175,7 +178,13 @@ impl ApiServer {
             .expect("GET", "/api/v1/namespaces/ns/secrets/wc-token")
             .await;
         if exists {
-            let secret = crate::children::token_secret(&job("wc"), "tok");
+            let secret = crate::children::token_secret(
+                &job("wc"),
+                &JobSecret {
+                    token: "tok".into(),
+                    credentials: None,
+                },
+            );
             ok(reply, serde_json::to_value::<Secret>(secret).unwrap());
         } else {
             not_found(reply);
@@ -316,6 +325,18 @@ async fn a_new_job_gets_its_children_by_server_side_apply() {
             assert_eq!(secret["metadata"]["ownerReferences"][0]["name"], "wc");
             let token = secret["data"]["token"].as_str().unwrap().to_string();
             assert!(token.len() > 40, "a fresh random token");
+            for key in [
+                "ca.crt",
+                "driver.crt",
+                "driver.key",
+                "executor.key",
+                "operator.crt",
+            ] {
+                assert!(
+                    secret["data"][key].is_string(),
+                    "a new job's credentials: {key}"
+                );
+            }
             let cm = s
                 .echo("PATCH", "/api/v1/namespaces/ns/configmaps/wc-spec")
                 .await;
@@ -329,6 +350,16 @@ async fn a_new_job_gets_its_children_by_server_side_apply() {
                 .echo("PATCH", "/api/v1/namespaces/ns/services/wc-driver")
                 .await;
             assert_eq!(svc["spec"]["clusterIP"], "None");
+            let policy = s
+                .echo(
+                    "PATCH",
+                    "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/wc-pods",
+                )
+                .await;
+            assert_eq!(
+                policy["spec"]["podSelector"]["matchLabels"]["kiln.dev/job"],
+                "wc"
+            );
             let pod = s
                 .echo("PATCH", "/api/v1/namespaces/ns/pods/wc-driver")
                 .await;
@@ -446,6 +477,11 @@ async fn a_vanished_driver_is_replaced_by_one_that_takes_over_the_executors() {
                 .await;
             s.echo("PATCH", "/api/v1/namespaces/ns/services/wc-driver")
                 .await;
+            s.echo(
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/wc-pods",
+            )
+            .await;
             // No executor is deleted: the new driver pod comes next.
             let pod = s
                 .echo("PATCH", "/api/v1/namespaces/ns/pods/wc-driver")

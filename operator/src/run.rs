@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use kiln_api::ComputeJob;
 use kiln_api::crd::LABEL_JOB;
 use kube::api::ListParams;
@@ -204,10 +204,11 @@ async fn controller(
         "controller starting"
     );
     let children = watcher::Config::default().labels(LABEL_JOB);
+    // Secrets are not watched: the operator reads only the token Secrets it made, by name,
+    // and needs no right to list or watch any.
     Controller::new(api::<ComputeJob>(&client, &ns), watcher::Config::default())
         .owns(api::<Pod>(&client, &ns), children.clone())
         .owns(api::<ConfigMap>(&client, &ns), children.clone())
-        .owns(api::<Secret>(&client, &ns), children.clone())
         .owns(api::<Service>(&client, &ns), children)
         .with_config(ControllerConfig::default().concurrency(8))
         .graceful_shutdown_on(shutdown)

@@ -22,6 +22,7 @@ struct World {
     node_capacity: Option<Vec<crate::state::NodeCapacity>>,
     progress: Option<JobStatusResponse>,
     config: OperatorConfig,
+    refused: Option<String>,
 }
 
 impl World {
@@ -34,6 +35,7 @@ impl World {
             node_capacity: None,
             progress: None,
             config: OperatorConfig::default(),
+            refused: None,
         }
     }
 
@@ -50,8 +52,12 @@ impl World {
             noticed_nodes: &self.noticed_nodes,
             node_capacity: self.node_capacity.as_deref(),
             progress: self.progress.as_ref(),
-            token: "tok",
+            secret: &crate::children::JobSecret {
+                token: "tok".into(),
+                credentials: None,
+            },
             now: at(now),
+            refused: self.refused.as_deref(),
         });
         self.job.status = Some(plan.status.clone());
         plan
@@ -139,11 +145,15 @@ fn a_new_job_gets_its_secret_spec_service_and_driver() {
             Action::Apply(Child::Secret(_)) => "Secret",
             Action::Apply(Child::ConfigMap(_)) => "ConfigMap",
             Action::Apply(Child::Service(_)) => "Service",
+            Action::Apply(Child::NetworkPolicy(_)) => "NetworkPolicy",
             Action::Apply(Child::Pod(_)) => "Pod",
             _ => "other",
         })
         .collect();
-    assert_eq!(kinds, ["Secret", "ConfigMap", "Service", "Pod"]);
+    assert_eq!(
+        kinds,
+        ["Secret", "ConfigMap", "Service", "NetworkPolicy", "Pod"]
+    );
     assert_eq!(applied_pods(&plan), ["wc-driver"]);
     let s = &plan.status;
     assert_eq!(
@@ -555,6 +565,25 @@ fn secrets_metadata_bad_names_and_oversized_specs_fail_naming_the_rule() {
             |w| w.job.spec.steps[0].sql = format!("SELECT '{}'", "x".repeat(1 << 20)),
             "the ConfigMap the driver reads it from holds at most",
         ),
+        (
+            |w| w.job.spec.image = Some("miner:1".into()),
+            "spec.image: `miner:1` is not an allowed image",
+        ),
+        (
+            |w| {
+                w.job.spec.executors.template.volumes = vec![
+                    serde_json::from_value(
+                        serde_json::json!({"name": "root", "hostPath": {"path": "/"}}),
+                    )
+                    .unwrap(),
+                ]
+            },
+            "spec.executors.template.volumes[0] (`root`): hostPath volumes are not allowed",
+        ),
+        (
+            |w| w.job.spec.driver.template.service_account_name = Some("admin".into()),
+            "spec.driver.template.serviceAccountName: `admin`: jobs may not name",
+        ),
     ];
     for (break_it, says) in cases {
         let mut w = World::new();
@@ -566,6 +595,36 @@ fn secrets_metadata_bad_names_and_oversized_specs_fail_naming_the_rule() {
         assert!(c.message.contains(says), "{says}: {}", c.message);
         assert_eq!(plan.requeue, None, "nothing to retry");
     }
+}
+
+#[test]
+fn an_object_the_api_server_refuses_as_invalid_fails_the_job_once() {
+    let mut w = World::new();
+    let p = w.step(0);
+    w.apply(&p, 0);
+    w.refused = Some("Pod wc-exec-0: spec.containers[0].env[0].name: Invalid value".into());
+    let plan = w.step(1);
+    assert_eq!(plan.status.phase, JobPhase::Failed);
+    let c = plan.status.condition(CONDITION_FAILED).unwrap();
+    assert_eq!(c.reason, FailureReason::InvalidSpec.as_str());
+    assert!(
+        c.message.contains(
+            "refuses the job's objects as invalid: Pod wc-exec-0: spec.containers[0].env[0].name"
+        ),
+        "{}",
+        c.message
+    );
+    assert_eq!(plan.requeue, None, "nothing to retry");
+    assert!(
+        plan.actions.iter().all(|a| !matches!(a, Action::Apply(_))),
+        "nothing more is applied: {:?}",
+        plan.actions
+    );
+    // Finished: the refusal is not seen again.
+    w.refused = None;
+    let again = w.step(2);
+    assert_eq!(again.status.phase, JobPhase::Failed);
+    assert!(again.actions.iter().all(|a| !matches!(a, Action::Apply(_))));
 }
 
 #[test]

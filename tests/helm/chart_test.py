@@ -120,21 +120,26 @@ def dockerfile():
 
 
 def operator_config_fields():
-    """Field names (camelCase) of the operator's OperatorConfig and NodeLabel structs, read
-    from operator/src/config.rs; None while that file does not exist."""
+    """Field names (camelCase) of the operator's OperatorConfig, NodeLabel and
+    NetworkPolicyConfig structs, read from their sources; None while config.rs does not
+    exist."""
     path = os.path.join(REPO, "operator", "src", "config.rs")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        text = f.read()
 
-    def fields(struct):
+    def fields(file, struct):
+        with open(os.path.join(REPO, "operator", "src", file)) as f:
+            text = f.read()
         m = re.search(r"pub struct " + struct + r" \{(.*?)\n\}", text, re.S)
-        assert m, f"operator/src/config.rs has no struct {struct}"
+        assert m, f"operator/src/{file} has no struct {struct}"
         names = re.findall(r"^\s*pub (\w+):", m.group(1), re.M)
         return {re.sub(r"_(\w)", lambda c: c.group(1).upper(), n) for n in names}
 
-    return {"OperatorConfig": fields("OperatorConfig"), "NodeLabel": fields("NodeLabel")}
+    return {
+        "OperatorConfig": fields("config.rs", "OperatorConfig"),
+        "NodeLabel": fields("config.rs", "NodeLabel"),
+        "NetworkPolicyConfig": fields("netpol.rs", "NetworkPolicyConfig"),
+    }
 
 
 def check_operator_config(config):
@@ -146,6 +151,7 @@ def check_operator_config(config):
     assert not unknown, f"config fields the operator does not know: {sorted(unknown)}"
     for label in config.get("spotNodeLabels", []) + config.get("onDemandNodeLabels", []):
         assert set(label) <= known["NodeLabel"], label
+    assert set(config.get("networkPolicy", {})) <= known["NetworkPolicyConfig"], config
 
 
 # --- tests -------------------------------------------------------------------------------
@@ -205,6 +211,18 @@ def test_rbac_is_exactly_what_the_operator_uses():
         assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"], r
 
 
+def test_no_mode_lists_or_watches_secrets():
+    # The operator reads only the Secrets it made, by name: in neither mode may it list or
+    # watch Secrets, which would let it read every Secret it can see.
+    for values in [(), ("namespaced.yaml",)]:
+        for d in render(*values):
+            if d["kind"] not in ("ClusterRole", "Role"):
+                continue
+            for r in d.get("rules", []):
+                if "secrets" in r["resources"] and "" in r["apiGroups"]:
+                    assert not {"list", "watch"} & set(r["verbs"]), (d["metadata"]["name"], r)
+
+
 def test_namespaced_mode_has_a_role_per_namespace():
     want = expected_rbac()
     docs = render("namespaced.yaml")
@@ -225,6 +243,7 @@ def test_namespaced_mode_has_a_role_per_namespace():
         "spotTolerations": [],
         "maxDriverRestarts": 1,
         "progressIntervalSeconds": 10,
+        "networkPolicy": config["networkPolicy"],
     }, config
     check_operator_config(config)
     # All namespaces: the variable is not set at all (empty = all).
@@ -270,6 +289,12 @@ def test_deployment_runs_the_operator_as_the_contract_says():
     assert {"key": "karpenter.sh/capacity-type", "values": ["spot"]} in config["spotNodeLabels"]
     assert {"key": "kiln.dev/spot", "operator": "Exists", "effect": "NoSchedule"} in config["spotTolerations"]
     assert config["onDemandNodeLabels"] == []
+    # Each job's NetworkPolicy lets exactly this release's operator pods reach the driver.
+    netpol = config["networkPolicy"]
+    assert netpol["operatorNamespace"] == NS, netpol
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert netpol["operatorPodLabels"] == dep["spec"]["selector"]["matchLabels"], netpol
+    assert netpol["operatorPodLabels"].items() <= pod_labels.items(), (netpol, pod_labels)
     check_operator_config(config)
     # Probes on the metrics port.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

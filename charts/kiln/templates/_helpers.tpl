@@ -101,8 +101,16 @@ On the namespaced objects of the namespaces it watches:
   verbs: ["get", "patch", "update"]
 # The job's children: watched, server-side applied, pods deleted on loss or suspend.
 - apiGroups: [""]
-  resources: ["pods", "services", "configmaps", "secrets"]
+  resources: ["pods", "services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The job's token Secret: made, then read by name; never listed or watched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch", "delete"]
+# The job's NetworkPolicy: server-side applied, garbage-collected with the job.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

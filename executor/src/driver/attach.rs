@@ -2,13 +2,17 @@
 //! a Flight `attach` action, to follow this driver; the job starts once those that agreed
 //! have registered (listing the outputs they hold), or after a short wait.
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::service::Shared;
+use crate::Error;
 use crate::shuffle::{AttachRequest, send_attach};
 
 /// How long a replacement driver waits for the executors it attached to register.
 const REGISTER_WAIT: Duration = Duration::from_secs(10);
+/// How long an executor that cannot be reached yet is asked again: its pod may run while
+/// its process is still starting.
+const ATTACH_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The address this host reaches `peer` from: a connected UDP socket's local address (no
 /// packet is sent). A driver bound to every interface learns which of its addresses an
@@ -33,8 +37,7 @@ pub(super) async fn attach_executors(
     addresses: &[String],
     token: &str,
 ) -> usize {
-    let mut agreed = Vec::new();
-    for address in addresses {
+    let asks = addresses.iter().map(|address| async move {
         let host = if bound.ip().is_unspecified() {
             local_ip_towards(address).unwrap_or(bound.ip())
         } else {
@@ -45,16 +48,29 @@ pub(super) async fn attach_executors(
             epoch: shared.epoch,
             token: token.to_string(),
         };
-        match send_attach(address, &request).await {
-            Ok(()) => {
-                tracing::info!(executor = %address, driver = %request.driver, "executor agreed to follow this driver");
-                agreed.push(address.clone());
-            }
-            Err(e) => {
-                tracing::warn!(executor = %address, error = %e, "could not take the executor over; what it held is recomputed")
+        let started = Instant::now();
+        loop {
+            match send_attach(address, &request, shared.tls.as_ref()).await {
+                Ok(()) => {
+                    tracing::info!(executor = %address, driver = %request.driver, "executor agreed to follow this driver");
+                    return Some(address.clone());
+                }
+                // Not listening yet: a process still starting.
+                Err(Error::Connect { .. }) if started.elapsed() < ATTACH_PATIENCE => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(executor = %address, error = %e, "could not take the executor over; what it held is recomputed");
+                    return None;
+                }
             }
         }
-    }
+    });
+    let agreed: Vec<String> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let registered =
         |core: &super::core::DriverCore| agreed.iter().filter(|a| core.serves_at(a)).count();
     let all = tokio::time::timeout(

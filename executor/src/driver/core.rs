@@ -256,6 +256,16 @@ impl DriverCore {
         journal: Option<Journal>,
         now: Instant,
     ) -> Registration {
+        // A live id stays with the process that registered it: another, even one holding
+        // the job's token, cannot take it over and have peers fetch its blocks from it. The
+        // same process registering again (its answer was lost) is welcome.
+        if let Some(live) = self.sched.address(executor)
+            && live != address
+        {
+            return Registration::Refused(format!(
+                "executor {executor} is registered and live at {live}; an id cannot be registered again from {address}"
+            ));
+        }
         if !self.sched.register_executor(executor, address, now) {
             return Registration::Refused(format!(
                 "executor {executor} was declared lost; register under a new id"

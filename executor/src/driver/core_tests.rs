@@ -339,6 +339,16 @@ fn silent_executors_expire_and_shutdown_sends_the_rest_home() {
         core.register("b", "b:1", &[], None, later),
         Registration::Refused(_)
     ));
+    // A live id is not taken over from another address; the same process may register
+    // again (its answer was lost).
+    assert!(matches!(
+        core.register("a", "mallory:1", &[], None, later),
+        Registration::Refused(why) if why.contains("live at a:1")
+    ));
+    assert_eq!(
+        core.register("a", "a:1", &[], None, later),
+        Registration::Accepted
+    );
     core.begin_shutdown();
     assert_eq!(
         core.poll("a", 1, &none(), true, later),

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_api::JobSpec;
+use kiln_api::tls::TlsIdentity;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -36,6 +37,7 @@ pub(crate) use service::secrets_match;
 use service::{DriverService, Shared};
 pub use steps::JobOutcome;
 
+use crate::guard::{RoleGuardLayer, driver_policy};
 use crate::rpc::driver_server::DriverServer;
 use crate::{Error, Result};
 
@@ -55,6 +57,8 @@ pub struct DriverOptions {
     pub epoch: u64,
     /// Block-service addresses of executors an earlier driver left: taken over at start.
     pub attach: Vec<String>,
+    /// The driver's identity (None: plain connections, no client certificates checked).
+    pub tls: Option<TlsIdentity>,
 }
 
 /// A cheap, cloneable handle on a running driver.
@@ -120,28 +124,38 @@ impl Driver {
             options.epoch.max(1),
             std::time::Instant::now(),
         );
-        let shared = Arc::new(Shared::new(
-            core,
-            run_id,
-            spec_json,
-            options.token.clone(),
-            options.job_uid,
-            options.heartbeat_timeout,
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                core,
+                run_id,
+                spec_json,
+                options.token.clone(),
+                options.job_uid,
+                options.heartbeat_timeout,
+            )
+            .with_tls(options.tls.clone()),
+        );
         let service = DriverServer::new(DriverService::new(shared.clone()))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = &options.tls {
+            builder = builder
+                .tls_config(tls.server())
+                .map_err(|source| Error::Serve {
+                    what: "the driver's control service",
+                    source,
+                })?;
+        }
+        let guarded = builder
+            .layer(RoleGuardLayer::new(driver_policy, options.tls.is_some()))
+            .add_service(service);
         let server = tokio::spawn(async move {
             // The builder's nodelay applies only to listeners tonic binds itself; without it
             // every small response waits out the peer's delayed ACK (about 40 ms).
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            if let Err(e) = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(service)
-                .serve_with_incoming(incoming)
-                .await
-            {
+            if let Err(e) = guarded.serve_with_incoming(incoming).await {
                 tracing::error!(error = %e, "driver control service stopped");
             }
         });

@@ -177,7 +177,7 @@ impl JobRun<'_> {
     /// cannot serve it is recomputed from its lineage and fetched again; more than
     /// `maxResultBytes` fails the job rather than the driver's memory.
     pub async fn fetch_result(&self, step: &str, stage: u32) -> Result<Vec<RecordBatch>> {
-        let peers = PeerClients::default();
+        let peers = PeerClients::new(self.shared.tls.clone());
         let mut out: Vec<Vec<RecordBatch>> = Vec::new();
         let mut bytes = 0u64;
         loop {

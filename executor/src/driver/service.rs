@@ -14,6 +14,7 @@ use super::plans::StagePlans;
 use super::scheduler::{LossReason, TaskFailure, TaskId};
 use crate::rpc::{self, FailureKind, task_report::Outcome};
 use crate::summary::StageCounters;
+use kiln_api::tls::TlsIdentity;
 
 /// How long a poll with free slots waits for work before answering empty.
 const LONG_POLL: Duration = Duration::from_millis(500);
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     pub job_uid: String,
     token: Option<String>,
     pub heartbeat_timeout: Duration,
+    /// The driver's identity, when the job's connections are TLS.
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Shared {
@@ -67,7 +70,14 @@ impl Shared {
             job_id,
             token,
             heartbeat_timeout,
+            tls: None,
         }
+    }
+
+    /// The same, with the driver's TLS identity.
+    pub fn with_tls(mut self, tls: Option<TlsIdentity>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Feeds the state an event: runs `f` under the lock, then publishes the progress it

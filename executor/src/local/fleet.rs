@@ -24,6 +24,8 @@ pub(crate) struct Launcher {
     pub driver_url: String,
     pub token: String,
     pub work_dir: PathBuf,
+    /// The executors' identity, passed by environment (None: plain connections).
+    pub tls: Option<kiln_api::tls::TlsIdentity>,
 }
 
 /// The executor's own folder under the run's work dir.
@@ -62,6 +64,7 @@ impl Launcher {
         tokio::process::Command::new(&self.program)
             .args(launch.command_line())
             .envs(launch.env())
+            .envs(self.tls.iter().flat_map(|t| t.env()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_api::JobSpec;
+use kiln_api::tls::{JobCredentials, Role, TlsIdentity};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
@@ -39,6 +40,9 @@ pub struct LocalOptions {
     pub chaos: Vec<ChaosEvent>,
     /// Seed for chaos's random choices.
     pub chaos_seed: u64,
+    /// Whether the job's connections are mutual TLS, with certificates made for this run
+    /// alone and kept in memory (on by default; off only to measure what TLS costs).
+    pub tls: bool,
 }
 
 impl LocalOptions {
@@ -52,6 +56,7 @@ impl LocalOptions {
             heartbeat_timeout: Duration::from_secs(10),
             chaos: Vec::new(),
             chaos_seed: 0,
+            tls: true,
         }
     }
 }
@@ -66,6 +71,8 @@ struct DriverSetup {
     token: String,
     job_uid: String,
     heartbeat_timeout: Duration,
+    /// The driver's identity (None: plain connections).
+    tls: Option<TlsIdentity>,
 }
 
 impl DriverSetup {
@@ -79,6 +86,7 @@ impl DriverSetup {
                 job_uid: Some(self.job_uid.clone()),
                 epoch,
                 attach,
+                tls: self.tls.clone(),
             },
         )
         .await
@@ -137,10 +145,19 @@ impl LocalCluster {
             });
         }
         let token = uuid::Uuid::new_v4().to_string();
+        let job_uid = uuid::Uuid::new_v4().to_string();
+        let credentials = if opts.tls {
+            Some(JobCredentials::issue(&job_uid)?)
+        } else {
+            None
+        };
+        let identity = |role| credentials.as_ref().and_then(|c| c.identity(role));
+        let executor_tls = identity(Role::Executor);
         let setup = DriverSetup {
             token: token.clone(),
-            job_uid: uuid::Uuid::new_v4().to_string(),
+            job_uid,
             heartbeat_timeout: opts.heartbeat_timeout,
+            tls: identity(Role::Driver),
         };
         let driver = setup.start(spec, 1, Vec::new()).await?;
         let progress = broadcast::channel(8192).0;
@@ -164,6 +181,7 @@ impl LocalCluster {
                     work_dir: fleet::executor_dir(&opts.work_dir, &id)?,
                     token: token.clone(),
                     faults: String::new(),
+                    tls: executor_tls.clone(),
                 };
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = run_executor(eo).await {
@@ -178,6 +196,7 @@ impl LocalCluster {
                 driver_url: url,
                 token,
                 work_dir: opts.work_dir.clone(),
+                tls: executor_tls,
             };
             let fleet = Fleet::new(
                 launcher,

@@ -18,7 +18,8 @@ use arrow_flight::{
 use datafusion::common::runtime::SpawnedTask;
 use datafusion::physical_plan::metrics::Count;
 use futures::{Stream, StreamExt, TryStreamExt};
-use tonic::transport::{Channel, Endpoint};
+use kiln_api::tls::{self, Role, TlsIdentity};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blocks::{BlockId, BlockStore};
@@ -65,9 +66,14 @@ impl BlockFlightService {
     }
 }
 
-/// Asks the executor at `address` (`host:port`) to follow a new driver.
-pub async fn send_attach(address: &str, request: &AttachRequest) -> Result<()> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+/// Asks the executor at `address` (`host:port`) to follow a new driver (this one, whose
+/// identity is `tls`).
+pub async fn send_attach(
+    address: &str,
+    request: &AttachRequest,
+    tls: Option<&TlsIdentity>,
+) -> Result<()> {
+    let endpoint = tls::endpoint(&format!("http://{address}"), tls, Role::Executor)
         .map_err(|source| Error::Connect {
             address: address.into(),
             source,
@@ -198,26 +204,40 @@ impl FlightService for BlockFlightService {
 #[derive(Default)]
 pub struct PeerClients {
     channels: Mutex<HashMap<String, Channel>>,
+    /// This process's identity, when the job's connections are TLS.
+    tls: Option<TlsIdentity>,
 }
 
 impl PeerClients {
+    /// Clients presenting `tls` (None: plain connections).
+    pub fn new(tls: Option<TlsIdentity>) -> Self {
+        PeerClients {
+            channels: Mutex::default(),
+            tls,
+        }
+    }
+
     fn channel(&self, address: &str) -> Result<Channel> {
         let mut channels = self.channels.lock().unwrap();
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|source| Error::Connect {
-                address: address.into(),
-                source,
-            })?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            // A peer whose node vanished never closes its connections: HTTP/2 pings find
-            // out, so a fetch from it fails (and is retried from lineage) within seconds.
-            .http2_keep_alive_interval(std::time::Duration::from_secs(3))
-            .keep_alive_timeout(std::time::Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true);
+        let endpoint = tls::endpoint(
+            &format!("http://{address}"),
+            self.tls.as_ref(),
+            Role::Executor,
+        )
+        .map_err(|source| Error::Connect {
+            address: address.into(),
+            source,
+        })?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // A peer whose node vanished never closes its connections: HTTP/2 pings find
+        // out, so a fetch from it fails (and is retried from lineage) within seconds.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(3))
+        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
         channels.insert(address.into(), channel.clone());
         Ok(channel)

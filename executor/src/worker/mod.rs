@@ -13,7 +13,9 @@
 //! [`Holdings`]; a replacement driver of a higher epoch takes the executor over with a
 //! Flight `attach` action, and the executor registers with it, listing its holdings, so
 //! the new driver adopts them instead of recomputing. A driver of an older epoch is
-//! refused.
+//! refused. The block service runs before the first registration, and a registration the
+//! driver could not answer (it is starting, or was lost mid-call) is tried again, so an
+//! executor whose first driver is lost before it registered waits to be taken over too.
 //!
 //! An executor given notice (SIGTERM: its pod is being deleted, evicted or its node drained)
 //! drains: it abandons its running tasks (the driver resubmits them elsewhere, counting
@@ -32,15 +34,17 @@ use std::time::{Duration, Instant};
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::prelude::SessionContext;
+use kiln_api::tls::{self, Role, TlsIdentity};
 use kiln_api::{JobSpec, parse_memory};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use faults::Faults;
 
 use crate::blocks::BlockStore;
+use crate::guard::{RoleGuardLayer, executor_policy};
 use crate::rpc::{self, driver_client::DriverClient};
 use crate::session::{OPERATOR_MEMORY_FRACTION, executor_context};
 use crate::shuffle::{AttachHandler, AttachRequest, BlockFlightService, PeerClients, ShuffleEnv};
@@ -156,6 +160,8 @@ pub struct ExecutorOptions {
     pub token: String,
     /// Faults to inject, for tests (`drop-report=N,lose-report=N`; empty: none).
     pub faults: String,
+    /// The executor's identity (None: plain connections, no client certificates checked).
+    pub tls: Option<TlsIdentity>,
 }
 
 /// How following one driver ended.
@@ -180,17 +186,10 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
         address: format!("{}:{}", opts.bind_host, opts.port),
         source,
     };
-    let mut listener = Some(
-        TcpListener::bind((opts.bind_host.as_str(), opts.port))
-            .await
-            .map_err(bind_err)?,
-    );
-    let port = listener
-        .as_ref()
-        .expect("bound above")
-        .local_addr()
-        .map_err(bind_err)?
-        .port();
+    let listener = TcpListener::bind((opts.bind_host.as_str(), opts.port))
+        .await
+        .map_err(bind_err)?;
+    let port = listener.local_addr().map_err(bind_err)?.port();
     let advertise = opts.advertise_host.as_deref().unwrap_or(&opts.bind_host);
     let flight_address = format!("{advertise}:{port}");
     for dir in [opts.work_dir.join("blocks"), opts.work_dir.join("spill")] {
@@ -229,25 +228,44 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
         })
     };
 
-    // Blocks are kept with a budget known only from the job spec: the store starts once the
-    // first driver answered, and the Flight service with it.
+    // The block service runs from the start, so that a replacement driver can take this
+    // executor over even if the driver it was started with is lost before it registered.
+    // Its memory budget is known once the first driver sent the job spec.
     let faults = Arc::new(Faults::parse(&opts.faults)?);
     let draining = Arc::new(Notice::default());
     let notice = notice_on_sigterm(draining.clone())?;
     let holdings = Arc::new(Mutex::new(Holdings::default()));
+    let store = Arc::new(BlockStore::new(u64::MAX, opts.work_dir.join("blocks")));
+    let service =
+        FlightServiceServer::new(BlockFlightService::new(store.clone()).with_attach(handler))
+            .max_encoding_message_size(usize::MAX);
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &opts.tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|source| Error::Serve {
+                what: "the executor's block service",
+                source,
+            })?;
+    }
+    let flight = tokio::spawn(
+        builder
+            .layer(RoleGuardLayer::new(executor_policy, opts.tls.is_some()))
+            .add_service(service)
+            .serve_with_incoming(
+                // The builder's nodelay applies only to listeners tonic binds itself; without
+                // it every small response waits out the peer's delayed ACK.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
+    );
     let mut driver = opts.driver.clone();
-    let mut setup: Option<(Setup, Arc<BlockStore>)> = None;
-    let mut flight = None;
+    let mut setup: Option<Setup> = None;
     let result = loop {
-        let session = async {
-            let mut client = DriverClient::new(connect(&driver).await?)
-                .max_decoding_message_size(256 << 20)
-                .max_encoding_message_size(256 << 20);
-            let registered = register(&mut client, &opts, &flight_address, &holdings).await?;
-            Ok::<_, Error>((client, registered))
-        };
+        // A starting driver pod may not listen yet; a replacement is given the grace period.
+        let wait = setup.as_ref().map_or(DRIVER_PATIENCE, |s| s.grace);
+        let joined = join(&driver, &opts, &flight_address, &holdings, wait);
         let (mut client, registered) = tokio::select! {
-            r = session => match r {
+            r = joined => match r {
                 Ok(r) => r,
                 Err(e) => break Err(e),
             },
@@ -264,30 +282,13 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
         }
         epoch.fetch_max(registered.epoch, Ordering::SeqCst);
         if setup.is_none() {
-            let (s, store) = set_up(&opts, &registered)?;
-            let service = FlightServiceServer::new(
-                BlockFlightService::new(store.clone()).with_attach(handler.clone()),
-            )
-            .max_encoding_message_size(usize::MAX);
-            flight = Some(tokio::spawn(
-                tonic::transport::Server::builder()
-                    .tcp_nodelay(true)
-                    .add_service(service)
-                    .serve_with_incoming(
-                        // The builder's nodelay applies only to listeners tonic binds itself;
-                        // without it every small response waits out the peer's delayed ACK.
-                        tonic::transport::server::TcpIncoming::from(
-                            listener.take().expect("the listener is served once"),
-                        )
-                        .with_nodelay(Some(true)),
-                    ),
-            ));
+            let s = set_up(&opts, &registered, &store)?;
             tracing::info!(executor = %opts.executor_id, %flight_address, slots = s.slots, "executor registered");
-            setup = Some((s, store));
+            setup = Some(s);
         } else {
             tracing::info!(executor = %opts.executor_id, %driver, epoch = registered.epoch, "registered with a replacement driver");
         }
-        let (s, store) = setup.as_ref().expect("set up above");
+        let s = setup.as_ref().expect("set up above");
         let session = Arc::new(Session {
             ctx: s.ctx.clone(),
             client: client.clone(),
@@ -304,7 +305,7 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
         match work_loop(
             &session,
             &mut client,
-            store,
+            &store,
             s.slots,
             &draining,
             &mut attach_rx,
@@ -316,9 +317,7 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
             Err(e) => break Err(e),
         }
     };
-    if let Some(f) = flight {
-        f.abort();
-    }
+    flight.abort();
     notice.abort();
     result
 }
@@ -402,11 +401,13 @@ async fn register(
         .into_inner())
 }
 
-/// The session context and block store, from the job spec the first driver sent.
+/// The session context, from the job spec the first driver sent; the block store gets the
+/// memory budget the spec gives it.
 fn set_up(
     opts: &ExecutorOptions,
     registered: &rpc::RegisterResponse,
-) -> Result<(Setup, Arc<BlockStore>)> {
+    store: &Arc<BlockStore>,
+) -> Result<Setup> {
     let spec: JobSpec = serde_json::from_str(&registered.job_spec_json)
         .map_err(|e| Error::Driver(format!("job spec from driver: {e}")))?;
     let memory = match opts.memory {
@@ -414,12 +415,11 @@ fn set_up(
         None => parse_memory(&spec.executors.memory)?,
     };
     let slots = opts.slots.unwrap_or_else(|| spec.executor_slots()).max(1) as usize;
-    let block_budget = (memory as f64 * (1.0 - OPERATOR_MEMORY_FRACTION)) as u64;
-    let store = Arc::new(BlockStore::new(block_budget, opts.work_dir.join("blocks")));
+    store.set_budget((memory as f64 * (1.0 - OPERATOR_MEMORY_FRACTION)) as u64);
     let env = Arc::new(ShuffleEnv {
         executor_id: opts.executor_id.clone(),
         store: store.clone(),
-        peers: PeerClients::default(),
+        peers: PeerClients::new(opts.tls.clone()),
     });
     let ctx = Arc::new(executor_context(
         &spec,
@@ -427,19 +427,39 @@ fn set_up(
         opts.work_dir.join("spill"),
         env,
     )?);
-    Ok((
-        Setup {
-            ctx,
-            slots,
-            grace: spec.failure_policy.driver_grace(),
-            peers: Arc::new(PeerClients::default()),
-        },
-        store,
-    ))
+    Ok(Setup {
+        ctx,
+        slots,
+        grace: spec.failure_policy.driver_grace(),
+        peers: Arc::new(PeerClients::new(opts.tls.clone())),
+    })
 }
 
-async fn connect(driver: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(driver.to_string())
+/// Whether a failed connection or registration may succeed if tried again: the driver is
+/// starting, going, or gone and about to be replaced. A refusal (the wrong token, an id
+/// already registered) is final.
+fn worth_retrying(e: &Error) -> bool {
+    use tonic::Code;
+    match e {
+        Error::Connect { .. } => true,
+        Error::Rpc { source, .. } => matches!(
+            source.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
+}
+
+/// Connects to the driver at `driver` and registers, trying again (with backoff and
+/// jitter) while the driver cannot answer, for up to `patience`.
+async fn join(
+    driver: &str,
+    opts: &ExecutorOptions,
+    flight_address: &str,
+    holdings: &Mutex<Holdings>,
+    patience: Duration,
+) -> Result<(DriverClient<Channel>, rpc::RegisterResponse)> {
+    let endpoint = tls::endpoint(driver, opts.tls.as_ref(), Role::Driver)
         .map_err(|source| Error::Connect {
             address: driver.into(),
             source,
@@ -447,16 +467,27 @@ async fn connect(driver: &str) -> Result<Channel> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let started = Instant::now();
+    let mut pause = Duration::from_millis(200);
     loop {
-        match endpoint.connect().await {
-            Ok(c) => return Ok(c),
-            Err(source) if started.elapsed() > DRIVER_PATIENCE => {
-                return Err(Error::Connect {
-                    address: driver.into(),
-                    source,
-                });
+        let attempt = async {
+            let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+                address: driver.into(),
+                source,
+            })?;
+            let mut client = DriverClient::new(channel)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20);
+            let registered = register(&mut client, opts, flight_address, holdings).await?;
+            Ok::<_, Error>((client, registered))
+        };
+        match attempt.await {
+            Ok(joined) => return Ok(joined),
+            Err(e) if worth_retrying(&e) && started.elapsed() < patience => {
+                tracing::debug!(%driver, error = %e, "the driver cannot take this executor yet; trying again");
+                tokio::time::sleep(jittered(pause)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => return Err(e),
         }
     }
 }

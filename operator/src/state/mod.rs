@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kiln_api::crd::{LABEL_ATTEMPT, LABEL_ROLE, ROLE_DRIVER, ROLE_EXECUTOR};
@@ -12,8 +13,9 @@ use kiln_api::rpc::JobStatusResponse;
 use kiln_api::{ComputeJob, ComputeJobStatus, DriverReport, FailureReason, JobPhase};
 use kube::ResourceExt;
 
-use crate::children::{driver_service, spec_config_map, token_secret};
+use crate::children::{JobSecret, driver_service, spec_config_map, token_secret};
 use crate::config::OperatorConfig;
+use crate::netpol::network_policy;
 use crate::pods::{PodContext, Takeover, driver_pod};
 
 mod capacity;
@@ -35,6 +37,8 @@ pub enum Child {
     Secret(Box<Secret>),
     /// The driver's headless Service.
     Service(Box<Service>),
+    /// The NetworkPolicy around the job's pods.
+    NetworkPolicy(Box<NetworkPolicy>),
     /// A driver or executor pod.
     Pod(Box<Pod>),
 }
@@ -120,6 +124,7 @@ pub struct Plan {
 }
 
 /// What the reconciler saw.
+#[derive(Clone, Copy)]
 pub struct Observed<'a> {
     /// The ComputeJob, freshly read.
     pub job: &'a ComputeJob,
@@ -135,10 +140,13 @@ pub struct Observed<'a> {
     pub node_capacity: Option<&'a [NodeCapacity]>,
     /// The driver's progress, when it answered.
     pub progress: Option<&'a JobStatusResponse>,
-    /// The job's token (from its Secret, or a new one).
-    pub token: &'a str,
+    /// The job's token and credentials (from its Secret, or new ones).
+    pub secret: &'a JobSecret,
     /// The time of this reconcile.
     pub now: Timestamp,
+    /// What the API server said when it refused one of the job's objects as invalid (a
+    /// refusal no retry can change): the job fails, naming it.
+    pub refused: Option<&'a str>,
 }
 
 /// Makes plans: the operator's configuration and default image.
@@ -324,6 +332,13 @@ impl Run<'_, '_> {
             self.finished();
             return;
         }
+        if let Some(why) = self.obs.refused {
+            self.fail(
+                FailureReason::InvalidSpec,
+                format!("the API server refuses the job's objects as invalid: {why}"),
+            );
+            return;
+        }
         let mut problems: Vec<String> = kiln_api::validate(&job.spec)
             .into_iter()
             .map(|e| format!("spec.{e}"))
@@ -337,6 +352,11 @@ impl Run<'_, '_> {
                 .validate(&job.spec)
                 .into_iter()
                 .map(|e| format!("spec.{e}")),
+        );
+        problems.extend(
+            self.config()
+                .admission
+                .validate(&job.spec, self.planner.default_image),
         );
         let spec_bytes = spec_config_map(job)
             .data
@@ -543,15 +563,26 @@ impl Run<'_, '_> {
             self.status.executors.running = 0;
         }
         let ctx = self.pod_ctx();
+        let netpol = &self.config().network_policy;
         let children = [
-            Child::Secret(Box::new(token_secret(self.obs.job, self.obs.token))),
-            Child::ConfigMap(Box::new(spec_config_map(self.obs.job))),
-            Child::Service(Box::new(driver_service(self.obs.job))),
-            Child::Pod(Box::new(driver_pod(ctx, attempt, takeover.as_ref()))),
+            Some(Child::Secret(Box::new(token_secret(
+                self.obs.job,
+                self.obs.secret,
+            )))),
+            Some(Child::ConfigMap(Box::new(spec_config_map(self.obs.job)))),
+            Some(Child::Service(Box::new(driver_service(self.obs.job)))),
+            netpol
+                .enabled
+                .then(|| Child::NetworkPolicy(Box::new(network_policy(self.obs.job, netpol)))),
+            Some(Child::Pod(Box::new(driver_pod(
+                ctx,
+                attempt,
+                takeover.as_ref(),
+            )))),
         ];
         self.plan
             .actions
-            .extend(children.into_iter().map(Action::Apply));
+            .extend(children.into_iter().flatten().map(Action::Apply));
         self.status.driver.attempt = attempt;
         self.status.phase = JobPhase::Pending;
         self.state = Some(Outlook::Pending {

@@ -58,6 +58,30 @@ pub fn repo() -> PathBuf {
     package.join("../..")
 }
 
+/// The last `lines` lines of a container's log (of every pod of that name, replacements
+/// too), from the node agent's pod directories.
+pub fn container_log_tail(namespace: &str, pod: &str, container: &str, lines: usize) -> String {
+    let cluster_dir = std::env::var("KILN_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join(".cache/cluster"));
+    let prefix = format!("{namespace}_{pod}_");
+    let Ok(dirs) = std::fs::read_dir(cluster_dir.join("agent/pods")) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for dir in dirs.flatten() {
+        if dir.file_name().to_string_lossy().starts_with(&prefix)
+            && let Ok(text) = std::fs::read_to_string(dir.path().join(format!("{container}.log")))
+        {
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}\n", dir.file_name().to_string_lossy()));
+            out.push_str(&all[all.len().saturating_sub(lines)..].join("\n"));
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Runs the cluster's kubectl (tests/cluster/kubectl) and returns its stdout.
 pub async fn kubectl(args: &[&str]) -> Result<String> {
     let out = tokio::process::Command::new(repo().join("tests/cluster/kubectl"))

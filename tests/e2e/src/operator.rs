@@ -7,8 +7,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use arrow_flight::Ticket;
+use arrow_flight::flight_service_client::FlightServiceClient;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
+use kiln_api::launch::{DRIVER_PORT, EXECUTOR_PORT};
+use kiln_api::tls::{self, JobCredentials, KeyedCert, Role, TlsIdentity};
 use kiln_api::{ComputeJob, JobPhase};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -285,28 +289,139 @@ pub async fn force_delete_pod(client: &Client, ns: &str, name: &str) -> Result<(
     Ok(())
 }
 
-/// The job's token, for talking to its driver as the operator does.
-pub async fn token(client: &Client, ns: &str, job: &str) -> Result<String> {
+/// What talking to a job's driver as the operator does takes: the job's token and its
+/// operator certificate, from the job's Secret.
+#[derive(Clone, Debug)]
+pub struct DriverAccess {
+    /// The job's token.
+    pub token: String,
+    /// The operator's identity in the job (None: a job without TLS).
+    pub tls: Option<TlsIdentity>,
+}
+
+/// How to reach job `job`'s driver as the operator does.
+pub async fn access(client: &Client, ns: &str, job: &str) -> Result<DriverAccess> {
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
         .get(&format!("{job}-token"))
         .await?;
-    let bytes = secret
-        .data
-        .and_then(|mut d| d.remove("token"))
-        .context("the token Secret has no token")?;
-    Ok(String::from_utf8(bytes.0)?)
+    let data = secret.data.unwrap_or_default();
+    let text = |key: &str| {
+        data.get(key)
+            .map(|b| String::from_utf8(b.0.clone()))
+            .transpose()
+    };
+    let token = text("token")?.context("the token Secret has no token")?;
+    let tls = match (
+        text("ca.crt")?,
+        text("operator.crt")?,
+        text("operator.key")?,
+    ) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsIdentity {
+            role: Role::Operator,
+            ca,
+            own: KeyedCert { cert, key },
+        }),
+        _ => None,
+    };
+    Ok(DriverAccess { token, tls })
 }
 
 /// The driver's own progress report (its JobStatus RPC), by pod IP.
-pub async fn driver_progress(ip: &str, token: &str) -> Result<kiln_api::rpc::JobStatusResponse> {
-    let mut client =
-        kiln_api::rpc::driver_client::DriverClient::connect(format!("http://{ip}:7077")).await?;
+pub async fn driver_progress(
+    ip: &str,
+    access: &DriverAccess,
+) -> Result<kiln_api::rpc::JobStatusResponse> {
+    let endpoint = tls::endpoint(
+        &format!("http://{ip}:{DRIVER_PORT}"),
+        access.tls.as_ref(),
+        Role::Driver,
+    )?
+    .connect_timeout(Duration::from_secs(2))
+    .timeout(Duration::from_secs(5));
+    let mut client = kiln_api::rpc::driver_client::DriverClient::new(endpoint.connect().await?);
     Ok(client
         .job_status(kiln_api::rpc::JobStatusRequest {
-            token: token.into(),
+            token: access.token.clone(),
         })
         .await?
         .into_inner())
+}
+
+/// A block fetch (Flight `DoGet`) from the executor at `ip`, presenting `tls`: its error, or
+/// what the executor answered.
+async fn fetch_block(ip: &str, tls: Option<&TlsIdentity>) -> Result<tonic::Code> {
+    let endpoint = tls::endpoint(&format!("http://{ip}:{EXECUTOR_PORT}"), tls, Role::Executor)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(_) => return Ok(tonic::Code::Unavailable),
+    };
+    let answer = FlightServiceClient::new(channel)
+        .do_get(Ticket::new("no such block"))
+        .await;
+    Ok(match answer {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    })
+}
+
+/// A running job's driver (at `driver_ip`) and executor (at `executor_ip`) refuse whoever
+/// lacks the job's credentials: a plain client, and one with another job's certificates;
+/// and the executor refuses a certificate of its own job whose role may not fetch blocks
+/// (the operator's). `access` is the job's own: with it, the driver answers.
+pub async fn refuses_strangers(
+    driver_ip: &str,
+    executor_ip: &str,
+    access: &DriverAccess,
+) -> Result<()> {
+    let own = access
+        .tls
+        .as_ref()
+        .context("the job has no TLS credentials")?;
+    // Both services are up: the driver answers the job's operator, the executor refuses it
+    // (an operator may not fetch blocks) once the certificate got it that far.
+    driver_progress(driver_ip, access)
+        .await
+        .context("the driver refused the job's own operator certificate")?;
+    wait_for(
+        "the executor to refuse the job's operator certificate",
+        Duration::from_secs(30),
+        || async {
+            let code = fetch_block(executor_ip, Some(own)).await?;
+            Ok((code == tonic::Code::PermissionDenied).then_some(()))
+        },
+    )
+    .await?;
+    let stranger = JobCredentials::issue("stranger")?;
+    let strangers = [
+        ("a plain client", None),
+        ("another job's operator", stranger.identity(Role::Operator)),
+    ];
+    for (who, tls) in &strangers {
+        let attempt = DriverAccess {
+            token: access.token.clone(),
+            tls: tls.clone(),
+        };
+        ensure!(
+            driver_progress(driver_ip, &attempt).await.is_err(),
+            "the driver answered {who}"
+        );
+    }
+    for (who, tls) in [
+        ("a plain client", None),
+        ("another job's executor", stranger.identity(Role::Executor)),
+    ] {
+        let code = fetch_block(executor_ip, tls.as_ref()).await?;
+        ensure!(
+            matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            ),
+            "the executor's block service answered {who} ({code:?})"
+        );
+    }
+    Ok(())
 }
 
 /// The operator, run from this checkout's binary with the test cluster's kubeconfig.

@@ -21,7 +21,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use kiln_e2e::{
-    PodWatch, TestNamespace, client, kubectl, node_capacity_types, repo, serial, wait_for,
+    PodWatch, TestNamespace, client, container_log_tail, kubectl, node_capacity_types, repo,
+    serial, wait_for,
 };
 
 const CHART: &str = "charts/kiln";
@@ -143,27 +144,6 @@ fn check_entrypoint(pod: &str, c: &Container, image: &Image, subcommand: &str) -
         image.entrypoint.join(" ")
     );
     Ok(())
-}
-
-/// The last lines of a container's log, from the node agent's pod directory.
-fn container_log_tail(namespace: &str, pod: &str, container: &str, lines: usize) -> String {
-    let cluster_dir = std::env::var("KILN_CLUSTER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join(".cache/cluster"));
-    let prefix = format!("{namespace}_{pod}_");
-    let Ok(dirs) = std::fs::read_dir(cluster_dir.join("agent/pods")) else {
-        return String::new();
-    };
-    let mut out = String::new();
-    for dir in dirs.flatten() {
-        if dir.file_name().to_string_lossy().starts_with(&prefix)
-            && let Ok(text) = std::fs::read_to_string(dir.path().join(format!("{container}.log")))
-        {
-            let all: Vec<&str> = text.lines().collect();
-            out.push_str(&all[all.len().saturating_sub(lines)..].join("\n"));
-        }
-    }
-    out
 }
 
 /// The operator pods' logs, for failure messages.

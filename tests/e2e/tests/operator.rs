@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kiln_api::{ComputeJob, FailureReason, JobPhase};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use kiln_e2e::operator::{
-    Operator, apply_crds, create_job, csv_rows, driver_progress, job, kiln, run_locally, scratch,
-    token, tpch, wait_finished,
+    Operator, access, apply_crds, create_job, csv_rows, driver_progress, job, kiln,
+    refuses_strangers, run_locally, scratch, tpch, wait_finished,
 };
 use kiln_e2e::{
     PodWatch, TestNamespace, agent_control, client, kubectl, node_capacity_types, node_ready, repo,
@@ -32,8 +33,9 @@ mod takeover;
 use takeover::{TAKEOVER_PARTITIONS, driver_deleted, driver_node_killed};
 
 /// The operator's configuration in these tests: progress read every second, a short
-/// image-pull grace.
-const CONFIG: &str = "progressIntervalSeconds: 1\nimagePullGraceSeconds: 10\n";
+/// image-pull grace, and one image besides the operator's own that jobs may name (it
+/// cannot be pulled).
+const CONFIG: &str = "progressIntervalSeconds: 1\nimagePullGraceSeconds: 10\nadmission: {images: [\"nosuchimage:*\"]}\n";
 
 fn wordcount(out: &str) -> String {
     let corpus = repo()
@@ -155,9 +157,9 @@ async fn few_iterations_done(client: &Client, ns: &str, name: &str) -> Result<()
             .filter(|ip| !ip.is_empty()))
     })
     .await?;
-    let token = token(client, ns, name).await?;
+    let access = access(client, ns, name).await?;
     wait_for("a few iterations", Duration::from_secs(120), || async {
-        let p = driver_progress(&driver_ip, &token).await?;
+        let p = driver_progress(&driver_ip, &access).await?;
         Ok((p.stages_done >= 12 && p.stages_done < p.stages_total).then_some(()))
     })
     .await
@@ -228,6 +230,35 @@ async fn wordcount_and_tpch_succeed_with_the_local_output_on_the_right_nodes() -
         "--timeout=10s",
     ])
     .await?;
+    // Each job's pods are fenced in by a NetworkPolicy the API server accepted: only the
+    // job's own pods get in (and the operator, to the driver's port).
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["wc", "q3"] {
+        let spec = policies
+            .get(&format!("{name}-pods"))
+            .await
+            .with_context(|| format!("{name}'s NetworkPolicy"))?
+            .spec
+            .context("a NetworkPolicy without a spec")?;
+        let own = Some(BTreeMap::from([(
+            "kiln.dev/job".to_string(),
+            name.to_string(),
+        )]));
+        ensure!(spec.pod_selector.and_then(|s| s.match_labels) == own);
+        let rules = spec.ingress.unwrap_or_default();
+        ensure!(
+            rules
+                .first()
+                .and_then(|r| r.from.as_ref())
+                .is_some_and(|from| from.iter().all(|p| p
+                    .pod_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.clone())
+                    == own
+                    && p.namespace_selector.is_none())),
+            "{name}: {rules:?}"
+        );
+    }
     let wc = wait_finished(
         &client,
         &ns.name,
@@ -325,6 +356,14 @@ async fn a_spot_node_killed_mid_shuffle_costs_partitions_not_the_job() -> Result
     // Wait until the cached steps and a few iterations are done, then kill the spot node of
     // one executor: it holds cached partitions and the map outputs of the running iteration.
     few_iterations_done(&client, &ns.name, "chaos").await?;
+    // Its driver and executors refuse whoever lacks the job's credentials.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let mut ips = Vec::new();
+    for pod in ["chaos-driver", "chaos-exec-1"] {
+        let ip = pods.get(pod).await?.status.and_then(|s| s.pod_ip);
+        ips.push(ip.with_context(|| format!("{pod} has no address"))?);
+    }
+    refuses_strangers(&ips[0], &ips[1], &access(&client, &ns.name, "chaos").await?).await?;
     // `kiln chaos` kills the node (through the node agent, as a cloud CLI would stop a
     // machine), follows the job to its end and reports what the loss cost.
     let killed_at = Instant::now();
@@ -643,6 +682,26 @@ async fn bad_specs_are_refused_or_failed_while_good_jobs_run() -> Result<()> {
             json!({"image": "nosuchimage:1"}),
             "nosuchimage:1",
             FailureReason::ImagePullFailed,
+        ),
+        // The admission policy: an image the operator does not allow, a host path.
+        (
+            "foreign-image",
+            json!({"image": "miner:1"}),
+            "spec.image: `miner:1` is not an allowed image",
+            FailureReason::InvalidSpec,
+        ),
+        // Invalid only to the API server (a pod label key it refuses): failed, not retried.
+        (
+            "bad-label",
+            json!({"driver": {"template": {"labels": {"not a key!": "x"}}}}),
+            "refuses the job's objects as invalid: Pod bad-label-driver",
+            FailureReason::InvalidSpec,
+        ),
+        (
+            "host-path",
+            json!({"executors": {"template": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}}),
+            "spec.executors.template.volumes[0] (`root`): hostPath volumes are not allowed",
+            FailureReason::InvalidSpec,
         ),
     ];
     for (name, patch, _, _) in &failing {

@@ -137,6 +137,17 @@ pub async fn container_env(
                 } else {
                     None
                 };
+                // An optional key that is missing leaves the variable unset, as the kubelet
+                // does.
+                let optional = src
+                    .secret_key_ref
+                    .as_ref()
+                    .and_then(|r| r.optional)
+                    .or_else(|| src.config_map_key_ref.as_ref().and_then(|r| r.optional))
+                    .unwrap_or(false);
+                if value.is_none() && optional {
+                    continue;
+                }
                 value.ok_or_else(|| Error::UnsupportedEnv {
                     var: var.name.clone(),
                     container: c.name.clone(),

@@ -519,6 +519,15 @@ impl Worker {
         }
     }
 
+    /// Whether the pod of this name is gone or is another pod now (its uid differs).
+    async fn replaced(&self, api: &Api<Pod>) -> bool {
+        match api.get_opt(&self.pod.name_any()).await {
+            Ok(Some(now)) => now.uid() != self.pod.uid(),
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
     /// Patches the pod's status when it changed.
     async fn report(&mut self) {
         if !self.dirty {
@@ -546,7 +555,12 @@ impl Worker {
             self.shared.client.clone(),
             &self.pod.namespace().unwrap_or_default(),
         );
-        let patch = serde_json::json!({ "status": status });
+        // The uid makes the patch fail on a pod of the same name created since (a replacement
+        // of a force-deleted pod), as the kubelet's does: the apiserver refuses to change it.
+        let patch = serde_json::json!({
+            "metadata": { "uid": self.pod.uid() },
+            "status": status,
+        });
         match api
             .patch_status(
                 &self.pod.name_any(),
@@ -561,6 +575,12 @@ impl Worker {
             }
             Err(kube::Error::Api(s)) if s.code == 404 => self.dirty = false,
             Err(source) => {
+                // Refused: this pod may have been replaced by one of the same name.
+                if matches!(source, kube::Error::Api(_)) && self.replaced(&api).await {
+                    info!(pod = %self.key(), error = %source, "replaced by a pod of the same name; no more status");
+                    self.dirty = false;
+                    return;
+                }
                 let e = Error::PodStatus {
                     pod: self.key(),
                     source: Box::new(source),

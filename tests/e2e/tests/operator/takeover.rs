@@ -16,10 +16,12 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use kiln_e2e::operator::{
-    RunningDriver, committed_once, create_job, csv_rows, driver_progress, force_delete_pod, job,
-    job_events, running_driver, token, wait_finished,
+    DriverAccess, RunningDriver, access, committed_once, create_job, csv_rows, driver_progress,
+    force_delete_pod, job, job_events, running_driver, wait_finished,
 };
-use kiln_e2e::{PodWatch, agent_control, node_capacity_types, node_ready, wait_for};
+use kiln_e2e::{
+    PodWatch, agent_control, container_log_tail, node_capacity_types, node_ready, wait_for,
+};
 
 use super::{check_placement, dir, q3};
 
@@ -54,7 +56,7 @@ async fn progress_until(
     ns: &str,
     name: &str,
     driver: &RunningDriver,
-    token: &str,
+    access: &DriverAccess,
     what: &str,
     ready: impl Fn(&JobStatusResponse) -> bool,
 ) -> Result<JobStatusResponse> {
@@ -72,11 +74,25 @@ async fn progress_until(
                     s.phase
                 ))));
             }
-            let p = driver_progress(&driver.ip, token).await?;
+            let p = driver_progress(&driver.ip, access).await?;
             Ok(ready(&p).then_some(Ok(p)))
         },
     )
     .await?
+}
+
+/// The last lines of job `name`'s driver and executor logs, for a failure's diagnosis.
+fn job_logs(ns: &str, name: &str) -> String {
+    let mut logs = container_log_tail(ns, &format!("{name}-driver"), "driver", 30);
+    for i in 0..4 {
+        logs.push_str(&container_log_tail(
+            ns,
+            &format!("{name}-exec-{i}"),
+            "executor",
+            30,
+        ));
+    }
+    logs
 }
 
 /// A job that lost its driver and succeeded: its output rows.
@@ -112,16 +128,18 @@ async fn check_resumed(
         s.driver, s.recovery, s.executors
     );
     ensure!(
-        s.recovery.driver_losses >= losses,
-        "{name}: {} driver losses in the status, expected at least {losses}: {:?}",
+        s.recovery.driver_losses == losses,
+        "{name}: {} driver losses in the status, expected {losses}: {:?}\n{}",
         s.recovery.driver_losses,
-        s.recovery
+        s.recovery,
+        job_logs(ns, name)
     );
     ensure!(
         s.driver.restarts == s.recovery.driver_losses && s.driver.attempt == s.driver.restarts + 1,
-        "{name}: each lost driver is replaced once: {:?} / {:?}",
+        "{name}: each lost driver is replaced once: {:?} / {:?}\n{}",
         s.driver,
-        s.recovery
+        s.recovery,
+        job_logs(ns, name)
     );
     ensure!(
         s.recovery.stages_resumed >= 1,
@@ -130,8 +148,9 @@ async fn check_resumed(
     );
     ensure!(
         s.executors.lost == 0,
-        "{name}: executors were lost, not taken over: {:?}",
-        s.executors
+        "{name}: executors were lost, not taken over: {:?}\n{}",
+        s.executors,
+        job_logs(ns, name)
     );
     let events = wait_for(
         &format!("{name}: a DriverResumed event"),
@@ -215,8 +234,8 @@ pub(crate) async fn driver_deleted(
     let watch = PodWatch::start(client, ns, &format!("kiln.dev/job={name}")).await?;
     create_job(client, ns, &takeover_job(data, name, &out, 20)?).await?;
     let mut driver = running_driver(client, ns, name, None, Duration::from_secs(90)).await?;
-    let token = token(client, ns, name).await?;
-    let mut at_kill = progress_until(client, ns, name, &driver, &token, "a stage done", |p| {
+    let access = access(client, ns, name).await?;
+    let mut at_kill = progress_until(client, ns, name, &driver, &access, "a stage done", |p| {
         p.stages_done >= 1 && p.stages_done < p.stages_total
     })
     .await?;
@@ -230,7 +249,7 @@ pub(crate) async fn driver_deleted(
                 ns,
                 name,
                 &driver,
-                &token,
+                &access,
                 "progress of the replacement's own",
                 |p| p.tasks_done > before && p.stages_done < p.stages_total,
             )
@@ -264,8 +283,8 @@ pub(crate) async fn driver_node_killed(
     // The control plane takes ~10 s to see the node dead: the executors wait longer.
     create_job(client, ns, &takeover_job(data, name, &out, 60)?).await?;
     let driver = running_driver(client, ns, name, None, Duration::from_secs(90)).await?;
-    let token = token(client, ns, name).await?;
-    progress_until(client, ns, name, &driver, &token, "a stage done", |p| {
+    let access = access(client, ns, name).await?;
+    progress_until(client, ns, name, &driver, &access, "a stage done", |p| {
         p.stages_done >= 1 && p.stages_done < p.stages_total
     })
     .await?;
