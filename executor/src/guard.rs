@@ -5,9 +5,11 @@
 use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready, ready};
-use kiln_api::tls::{Role, role_of};
+use kiln_api::tls::{Role, TlsIdentity, role_of};
 use tonic::Status;
+use tonic::transport::Server;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tower::layer::util::{Identity, Stack};
 
 /// Which roles may call a gRPC method, by its path (`/kiln.v1.Driver/Register`).
 pub type Policy = fn(&str) -> &'static [Role];
@@ -99,6 +101,22 @@ where
             }
         }
     }
+}
+
+/// A server for a job's service (`what`, for errors): over mutual TLS with the process's
+/// identity `tls` when the job has one, each call admitted by `policy`; plain otherwise.
+pub fn guarded_server(
+    tls: Option<&TlsIdentity>,
+    policy: Policy,
+    what: &'static str,
+) -> crate::Result<Server<Stack<RoleGuardLayer, Identity>>> {
+    let mut builder = Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|source| crate::Error::Serve { what, source })?;
+    }
+    Ok(builder.layer(RoleGuardLayer::new(policy, tls.is_some())))
 }
 
 /// Who may call the driver: executors register, poll and report; the operator asks for

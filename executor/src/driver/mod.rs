@@ -37,7 +37,7 @@ pub(crate) use service::secrets_match;
 use service::{DriverService, Shared};
 pub use steps::JobOutcome;
 
-use crate::guard::{RoleGuardLayer, driver_policy};
+use crate::guard::{driver_policy, guarded_server};
 use crate::rpc::driver_server::DriverServer;
 use crate::{Error, Result};
 
@@ -138,18 +138,12 @@ impl Driver {
         let service = DriverServer::new(DriverService::new(shared.clone()))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
-        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
-        if let Some(tls) = &options.tls {
-            builder = builder
-                .tls_config(tls.server())
-                .map_err(|source| Error::Serve {
-                    what: "the driver's control service",
-                    source,
-                })?;
-        }
-        let guarded = builder
-            .layer(RoleGuardLayer::new(driver_policy, options.tls.is_some()))
-            .add_service(service);
+        let guarded = guarded_server(
+            options.tls.as_ref(),
+            driver_policy,
+            "the driver's control service",
+        )?
+        .add_service(service);
         let server = tokio::spawn(async move {
             // The builder's nodelay applies only to listeners tonic binds itself; without it
             // every small response waits out the peer's delayed ACK (about 40 ms).

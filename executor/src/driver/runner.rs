@@ -21,7 +21,6 @@ use super::service::Shared;
 use crate::blocks::BlockId;
 use crate::plan::{FinalOutput, Stage, StagePlanner};
 use crate::session::CachedTable;
-use crate::shuffle::PeerClients;
 use crate::summary::OutputSummary;
 use crate::{Error, Result};
 
@@ -177,7 +176,7 @@ impl JobRun<'_> {
     /// cannot serve it is recomputed from its lineage and fetched again; more than
     /// `maxResultBytes` fails the job rather than the driver's memory.
     pub async fn fetch_result(&self, step: &str, stage: u32) -> Result<Vec<RecordBatch>> {
-        let peers = PeerClients::new(self.shared.tls.clone());
+        let peers = &self.shared.peers;
         let mut out: Vec<Vec<RecordBatch>> = Vec::new();
         let mut bytes = 0u64;
         loop {

@@ -13,6 +13,7 @@ use super::journal::Journal;
 use super::plans::StagePlans;
 use super::scheduler::{LossReason, TaskFailure, TaskId};
 use crate::rpc::{self, FailureKind, task_report::Outcome};
+use crate::shuffle::PeerClients;
 use crate::summary::StageCounters;
 use kiln_api::tls::TlsIdentity;
 
@@ -44,6 +45,9 @@ pub(crate) struct Shared {
     pub heartbeat_timeout: Duration,
     /// The driver's identity, when the job's connections are TLS.
     pub tls: Option<TlsIdentity>,
+    /// Block-service clients of the executors (results are fetched with them), one
+    /// connection per executor for the driver's life.
+    pub peers: PeerClients,
 }
 
 impl Shared {
@@ -71,11 +75,13 @@ impl Shared {
             token,
             heartbeat_timeout,
             tls: None,
+            peers: PeerClients::default(),
         }
     }
 
     /// The same, with the driver's TLS identity.
     pub fn with_tls(mut self, tls: Option<TlsIdentity>) -> Self {
+        self.peers = PeerClients::new(tls.clone());
         self.tls = tls;
         self
     }

@@ -44,7 +44,7 @@ use tonic::transport::Channel;
 pub use faults::Faults;
 
 use crate::blocks::BlockStore;
-use crate::guard::{RoleGuardLayer, executor_policy};
+use crate::guard::{executor_policy, guarded_server};
 use crate::rpc::{self, driver_client::DriverClient};
 use crate::session::{OPERATOR_MEMORY_FRACTION, executor_context};
 use crate::shuffle::{AttachHandler, AttachRequest, BlockFlightService, PeerClients, ShuffleEnv};
@@ -239,25 +239,16 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
     let service =
         FlightServiceServer::new(BlockFlightService::new(store.clone()).with_attach(handler))
             .max_encoding_message_size(usize::MAX);
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    if let Some(tls) = &opts.tls {
-        builder = builder
-            .tls_config(tls.server())
-            .map_err(|source| Error::Serve {
-                what: "the executor's block service",
-                source,
-            })?;
-    }
-    let flight = tokio::spawn(
-        builder
-            .layer(RoleGuardLayer::new(executor_policy, opts.tls.is_some()))
-            .add_service(service)
-            .serve_with_incoming(
-                // The builder's nodelay applies only to listeners tonic binds itself; without
-                // it every small response waits out the peer's delayed ACK.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            ),
-    );
+    let mut server = guarded_server(
+        opts.tls.as_ref(),
+        executor_policy,
+        "the executor's block service",
+    )?;
+    let flight = tokio::spawn(server.add_service(service).serve_with_incoming(
+        // The builder's nodelay applies only to listeners tonic binds itself; without
+        // it every small response waits out the peer's delayed ACK.
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+    ));
     let mut driver = opts.driver.clone();
     let mut setup: Option<Setup> = None;
     let result = loop {
