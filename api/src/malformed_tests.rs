@@ -99,6 +99,8 @@ fn every_malformed_spec_is_refused_naming_its_field() {
         ("/spec/executors/memory", json!("0")),
         ("/spec/executors/memory", json!("64Ti")),
         ("/spec/executors/memory", json!("-1Gi")),
+        ("/spec/executors/disk", json!("1e99")),
+        ("/spec/executors/disk", json!("lots")),
         ("/spec/executors/memory", json!("99999999999999999999Ti")),
         ("/spec/executors/cpu", json!("0")),
         ("/spec/executors/cpu", json!("2000")),

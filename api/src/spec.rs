@@ -228,6 +228,13 @@ pub struct ExecutorsSpec {
     #[serde(default = "default_executor_memory")]
     #[schemars(regex(pattern = MEMORY_PATTERN))]
     pub memory: String,
+    /// Local disk of each executor (a Kubernetes quantity, e.g. `10Gi`): the size limit of
+    /// its scratch volume, where spilled blocks and operator spill files go, and its pod's
+    /// ephemeral-storage request. Spilling past it fails the task with an error that names
+    /// this field, instead of filling the node's disk.
+    #[serde(default = "default_executor_disk")]
+    #[schemars(regex(pattern = MEMORY_PATTERN))]
+    pub disk: String,
     /// Where executor pods run: `Spot`, `OnDemand` or `Any`.
     #[serde(default)]
     pub placement: Placement,
@@ -261,6 +268,7 @@ impl Default for ExecutorsSpec {
             count: default_executor_count(),
             cpu: default_cpu(),
             memory: default_executor_memory(),
+            disk: default_executor_disk(),
             placement: Placement::default(),
             slots: None,
             template: PodTemplate::default(),
@@ -580,6 +588,9 @@ fn default_driver_memory() -> String {
 }
 fn default_executor_memory() -> String {
     "2Gi".into()
+}
+fn default_executor_disk() -> String {
+    "10Gi".into()
 }
 fn default_executor_count() -> u32 {
     2

@@ -104,6 +104,7 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
     }
     for (field, value) in [
         ("executors.memory", &spec.executors.memory),
+        ("executors.disk", &spec.executors.disk),
         ("driver.memory", &spec.driver.memory),
     ] {
         match parse_memory(value) {

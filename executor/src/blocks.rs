@@ -53,6 +53,9 @@ impl std::fmt::Display for BlockId {
 
 enum Data {
     Memory(Vec<RecordBatch>),
+    /// Being written to `PathBuf`: still served (and counted) from memory until the write
+    /// succeeded, so a failed write (a full disk) loses nothing.
+    Writing(Vec<RecordBatch>, PathBuf),
     Disk(PathBuf),
 }
 
@@ -71,6 +74,8 @@ struct Block {
 struct Inner {
     blocks: HashMap<BlockId, Block>,
     in_memory: u64,
+    /// Bytes of the segments on disk or being written there.
+    on_disk: u64,
     clock: u64,
 }
 
@@ -87,6 +92,7 @@ pub struct BlockStoreStats {
 pub struct BlockStore {
     inner: Mutex<Inner>,
     budget: AtomicU64,
+    disk_budget: AtomicU64,
     dir: PathBuf,
     seq: AtomicU64,
     /// Spill counters.
@@ -115,6 +121,7 @@ impl BlockStore {
         Self {
             inner: Mutex::new(Inner::default()),
             budget: AtomicU64::new(budget),
+            disk_budget: AtomicU64::new(u64::MAX),
             dir: dir.into(),
             seq: AtomicU64::new(0),
             stats: BlockStoreStats::default(),
@@ -125,6 +132,12 @@ impl BlockStore {
     /// from the job spec its driver sends, after its block service started).
     pub fn set_budget(&self, budget: u64) {
         self.budget.store(budget, Ordering::SeqCst);
+    }
+
+    /// Writes at most `bytes` to disk from now on: a spill past it fails with
+    /// [`Error::DiskBudget`] and keeps its data in memory.
+    pub fn set_disk_budget(&self, bytes: u64) {
+        self.disk_budget.store(bytes, Ordering::SeqCst);
     }
 
     /// Bytes held in memory now.
@@ -145,6 +158,7 @@ impl BlockStore {
             );
             if let Some(old) = &old {
                 inner.in_memory -= old.memory_bytes();
+                inner.on_disk -= old.disk_bytes();
             }
             old
         };
@@ -192,7 +206,7 @@ impl BlockStore {
                 .map(|s| {
                     s.last_use = now;
                     match &s.data {
-                        Data::Memory(b) => Ok(b.clone()),
+                        Data::Memory(b) | Data::Writing(b, _) => Ok(b.clone()),
                         Data::Disk(p) => Err(p.clone()),
                     }
                 })
@@ -229,6 +243,7 @@ impl BlockStore {
                 .filter_map(|id| inner.blocks.remove(id))
                 .collect();
             inner.in_memory -= removed.iter().map(Block::memory_bytes).sum::<u64>();
+            inner.on_disk -= removed.iter().map(Block::disk_bytes).sum::<u64>();
             removed
         };
         for b in removed {
@@ -256,6 +271,16 @@ impl BlockStore {
                 else {
                     return Ok(());
                 };
+                let bytes = inner.blocks[&id].segments[idx].bytes;
+                let disk_budget = self.disk_budget.load(Ordering::SeqCst);
+                if inner.on_disk.saturating_add(bytes) > disk_budget {
+                    return Err(Error::DiskBudget {
+                        budget: disk_budget,
+                        on_disk: inner.on_disk,
+                        bytes,
+                    });
+                }
+                inner.on_disk += bytes;
                 let block = inner.blocks.get_mut(&id).expect("victim exists");
                 let schema = block.schema.clone();
                 let seg = &mut block.segments[idx];
@@ -266,19 +291,44 @@ impl BlockStore {
                     id.reduce,
                     self.seq.fetch_add(1, Ordering::Relaxed)
                 ));
-                let Data::Memory(batches) =
-                    std::mem::replace(&mut seg.data, Data::Disk(path.clone()))
-                else {
+                let Data::Memory(batches) = &seg.data else {
                     unreachable!("victims are in memory")
                 };
-                let bytes = seg.bytes;
-                inner.in_memory -= bytes;
-                (schema, batches, path, bytes)
+                let batches = batches.clone();
+                seg.data = Data::Writing(batches.clone(), path.clone());
+                (id, schema, batches, path, seg.bytes)
             };
-            let (schema, batches, path, bytes) = victim;
-            write_spill(schema, batches, path).await?;
-            self.stats.spilled_segments.fetch_add(1, Ordering::Relaxed);
-            self.stats.spilled_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let (id, schema, batches, path, bytes) = victim;
+            let written = write_spill(schema, batches, path.clone()).await;
+            let mut inner = self.inner.lock().unwrap();
+            let seg = inner.blocks.get_mut(&id).and_then(|b| {
+                b.segments
+                    .iter_mut()
+                    .find(|s| matches!(&s.data, Data::Writing(_, p) if *p == path))
+            });
+            match (written, seg) {
+                (Ok(()), Some(seg)) => {
+                    seg.data = Data::Disk(path);
+                    inner.in_memory -= bytes;
+                    self.stats.spilled_segments.fetch_add(1, Ordering::Relaxed);
+                    self.stats.spilled_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                // The block was dropped or restarted while its segment was written.
+                (Ok(()), None) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                (Err(e), seg) => {
+                    if let Some(seg) = seg
+                        && let Data::Writing(batches, _) = &seg.data
+                    {
+                        let batches = batches.clone();
+                        seg.data = Data::Memory(batches);
+                        inner.on_disk -= bytes;
+                    }
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            }
         }
     }
 }
@@ -287,14 +337,22 @@ impl Block {
     fn memory_bytes(&self) -> u64 {
         self.segments
             .iter()
-            .filter(|s| matches!(s.data, Data::Memory(_)))
+            .filter(|s| matches!(s.data, Data::Memory(_) | Data::Writing(..)))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .filter(|s| matches!(s.data, Data::Disk(_) | Data::Writing(..)))
             .map(|s| s.bytes)
             .sum()
     }
 
     fn remove_files(&self) {
         for s in &self.segments {
-            if let Data::Disk(p) = &s.data {
+            if let Data::Disk(p) | Data::Writing(_, p) = &s.data {
                 let _ = std::fs::remove_file(p);
             }
         }
@@ -312,11 +370,22 @@ async fn write_spill(schema: SchemaRef, batches: Vec<RecordBatch>, path: PathBuf
             std::fs::create_dir_all(parent).map_err(io)?;
         }
         let file = std::fs::File::create(&path).map_err(io)?;
-        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+        // A full disk surfaces from the writer: name the file, not just the Arrow error.
+        let arrow = |e: arrow::error::ArrowError| match e {
+            arrow::error::ArrowError::IoError(_, source) => io(source),
+            other => io(std::io::Error::other(other)),
+        };
+        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema).map_err(arrow)?;
         for b in &batches {
-            w.write(b)?;
+            w.write(b).map_err(arrow)?;
         }
-        w.finish()?;
+        w.finish().map_err(arrow)?;
+        // Flushed (a failure here is a failure to spill), not synced: the file lives no
+        // longer than the pod.
+        w.into_inner()
+            .map_err(arrow)?
+            .into_inner()
+            .map_err(|e| io(e.into_error()))?;
         Ok(())
     })
     .await
@@ -382,6 +451,58 @@ mod tests {
             store.get(BlockId::new(1, 0, 0)).await,
             Err(Error::BlockNotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_spill_keeps_the_data_in_memory_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A spill directory that cannot be made, as a full or read-only disk refuses it.
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"").unwrap();
+        let store = BlockStore::new(0, file.join("spill"));
+        let id = BlockId::new(1, 0, 0);
+        store.create(id, batch(1).schema());
+        let err = store.append(id, vec![batch(1_000)]).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::SpillIo { action: "write", path, .. } if path.starts_with(&file)),
+            "{err}"
+        );
+        let (_, b) = store.get(id).await.unwrap();
+        assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 1_000);
+        assert_eq!(store.in_memory(), batches_size(&[batch(1_000)]));
+        assert_eq!(store.stats.spilled_segments.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn spilling_stops_at_the_disk_budget_without_losing_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = batches_size(&[batch(10_000)]);
+        let store = BlockStore::new(0, dir.path());
+        store.set_disk_budget(one * 2);
+        let mut refused = None;
+        for map in 0..3 {
+            let id = BlockId::new(1, map, 0);
+            store.create(id, batch(1).schema());
+            if let Err(e) = store.append(id, vec![batch(10_000)]).await {
+                refused = Some((map, e));
+            }
+        }
+        let (map, err) = refused.expect("the third spill passes the budget");
+        assert_eq!(map, 2);
+        assert!(
+            matches!(err, Error::DiskBudget { budget, on_disk, bytes } if budget == one * 2 && on_disk == one * 2 && bytes == one),
+            "{err}"
+        );
+        assert!(err.to_string().contains("executors.disk"), "{err}");
+        for map in 0..3 {
+            let (_, b) = store.get(BlockId::new(1, map, 0)).await.unwrap();
+            assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 10_000);
+        }
+        // Dropping blocks frees their disk for later spills.
+        store.drop_stages(&[1]);
+        let id = BlockId::new(2, 0, 0);
+        store.create(id, batch(1).schema());
+        store.append(id, vec![batch(10_000)]).await.unwrap();
     }
 
     #[tokio::test]

@@ -51,6 +51,15 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A spill would pass the executor's disk budget (its share of `executors.disk`).
+    #[error(
+        "spilling {bytes} bytes would pass this executor's disk budget of {budget} bytes ({on_disk} already on disk): raise executors.disk or executors.memory"
+    )]
+    DiskBudget {
+        budget: u64,
+        on_disk: u64,
+        bytes: u64,
+    },
     /// Arrow encoding or decoding failed.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
@@ -162,6 +171,7 @@ impl Error {
             Error::FetchFailed { .. }
             | Error::BlockNotFound(_)
             | Error::SpillIo { .. }
+            | Error::DiskBudget { .. }
             | Error::Arrow(_)
             | Error::Flight(_)
             | Error::Cancelled(_)

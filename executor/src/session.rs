@@ -33,8 +33,8 @@ use url::Url;
 use crate::shuffle::{ReadMode, ShuffleEnv, ShuffleReaderExec};
 use crate::{Error, Result};
 
-/// Share of an executor's memory given to operators (aggregations, joins, sorts); the rest
-/// holds shuffle and cached blocks before they spill.
+/// Share of an executor's memory (and of its disk, `executors.disk`) given to operators
+/// (aggregations, joins, sorts); the rest holds shuffle and cached blocks.
 pub const OPERATOR_MEMORY_FRACTION: f64 = 0.6;
 
 /// Byte that never separates fields of a `text` input: each line is one field.
@@ -234,10 +234,12 @@ async fn register_input(ctx: &SessionContext, input: &InputSpec) -> DfResult<()>
 }
 
 /// An executor's session: the job's object stores, a spilling memory pool of its operator
-/// share of `memory_bytes`, spill files under `spill_dir`, and the shuffle env.
+/// share of `memory_bytes`, spill files under `spill_dir` up to the operator share of
+/// `disk_bytes`, and the shuffle env.
 pub fn executor_context(
     spec: &JobSpec,
     memory_bytes: u64,
+    disk_bytes: u64,
     spill_dir: PathBuf,
     env: Arc<ShuffleEnv>,
 ) -> Result<SessionContext> {
@@ -245,7 +247,11 @@ pub fn executor_context(
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(pool))
         .with_disk_manager_builder(
-            DiskManagerBuilder::default().with_mode(DiskManagerMode::Directories(vec![spill_dir])),
+            DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![spill_dir]))
+                .with_max_temp_directory_size(
+                    (disk_bytes as f64 * OPERATOR_MEMORY_FRACTION) as u64,
+                ),
         )
         .build_arc()?;
     register_object_stores(&runtime, spec)?;

@@ -267,6 +267,8 @@ struct Role<'a> {
     env: Vec<EnvVar>,
     cpu: &'a str,
     memory_bytes: u64,
+    /// The scratch volume's size limit and the pod's ephemeral-storage request.
+    disk: Quantity,
     volumes: Vec<Volume>,
     mounts: Vec<VolumeMount>,
     ports: Vec<ContainerPort>,
@@ -285,6 +287,10 @@ pub const ANNOTATION_SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/saf
 /// holds to other executors; a reclaim's own notice (two minutes on AWS, 30 s on GCP)
 /// bounds what it really gets.
 pub const EXECUTOR_GRACE_SECONDS: i64 = 60;
+
+/// The driver's scratch volume: it holds no blocks, only what its own engine spills while
+/// it collects a result.
+pub const DRIVER_DISK: &str = "1Gi";
 
 fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
     let t = role.template;
@@ -309,7 +315,10 @@ fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
 
     let mut volumes = vec![Volume {
         name: "scratch".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(role.disk.clone()),
+            ..Default::default()
+        }),
         ..Default::default()
     }];
     volumes.extend(role.volumes);
@@ -331,6 +340,7 @@ fn pod(ctx: PodContext<'_>, role: Role<'_>) -> Pod {
         requests: Some(BTreeMap::from([
             ("cpu".to_string(), Quantity(role.cpu.to_string())),
             ("memory".to_string(), memory.clone()),
+            ("ephemeral-storage".to_string(), role.disk.clone()),
         ])),
         limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
         ..Default::default()
@@ -453,6 +463,7 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>
             env: env_vars,
             cpu: &spec.driver.cpu,
             memory_bytes: kiln_api::parse_memory(&spec.driver.memory).unwrap_or(1 << 30),
+            disk: Quantity(DRIVER_DISK.into()),
             volumes: vec![Volume {
                 name: "spec".into(),
                 config_map: Some(ConfigMapVolumeSource {
@@ -521,6 +532,7 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
             .collect(),
             cpu: &spec.executors.cpu,
             memory_bytes: kiln_api::parse_memory(&spec.executors.memory).unwrap_or(2 << 30),
+            disk: Quantity(spec.executors.disk.clone()),
             volumes: Vec::new(),
             mounts: vec![VolumeMount {
                 name: "scratch".into(),

@@ -218,6 +218,21 @@ fn executors_follow_their_placement() {
         (Some("blocks"), i32::from(EXECUTOR_PORT))
     );
     assert_eq!(launch.work_dir.to_str(), Some(WORK_DIR));
+    // Spills have a disk of their own, bounded and requested from the scheduler.
+    let requests = c.resources.as_ref().unwrap().requests.clone().unwrap();
+    assert_eq!(requests["ephemeral-storage"].0, "10Gi");
+    let scratch = &p.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+    assert_eq!(
+        scratch
+            .empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "10Gi"
+    );
     let env = c.env.clone().unwrap();
     let field = |n: &str| {
         env.iter()

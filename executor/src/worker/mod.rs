@@ -407,6 +407,9 @@ fn set_up(
     };
     let slots = opts.slots.unwrap_or_else(|| spec.executor_slots()).max(1) as usize;
     store.set_budget((memory as f64 * (1.0 - OPERATOR_MEMORY_FRACTION)) as u64);
+    // The scratch volume's limit, shared as memory is: operators' spill files and blocks.
+    let disk = parse_memory(&spec.executors.disk)?;
+    store.set_disk_budget((disk as f64 * (1.0 - OPERATOR_MEMORY_FRACTION)) as u64);
     let env = Arc::new(ShuffleEnv {
         executor_id: opts.executor_id.clone(),
         store: store.clone(),
@@ -415,6 +418,7 @@ fn set_up(
     let ctx = Arc::new(executor_context(
         &spec,
         memory,
+        disk,
         opts.work_dir.join("spill"),
         env,
     )?);

@@ -35,10 +35,15 @@ pub async fn apply_crds() -> Result<()> {
 }
 
 /// Scratch space of the end-to-end tests, on the host filesystem the node agent's pods see
-/// (not under /tmp: job pods mount their own scratch volume there).
+/// (not under /tmp: job pods mount their own scratch volume there). It is one of the node
+/// agent's shared paths, writable under a read-only root, and open to every user: job pods
+/// run as a user of their own, as on a real node.
 pub fn scratch(name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = repo().join(".cache/e2e").join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+        .with_context(|| format!("opening {} to job pods", dir.display()))?;
     Ok(dir.canonicalize()?)
 }
 

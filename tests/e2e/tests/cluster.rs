@@ -1,6 +1,7 @@
 //! End-to-end tests of the test cluster itself: nodes, placement, pod
 //! networking, container status, and node loss.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -10,9 +11,10 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use kiln_e2e::operator::scratch;
 use kiln_e2e::{
     CAPACITY_TYPE, SPOT_TAINT, TestNamespace, agent_control, client, has_condition, http, kubectl,
-    node_capacity_types, node_ready, pod_ready, serial, wait_for,
+    node_capacity_types, node_ready, pod_ready, repo, serial, wait_for,
 };
 
 /// A small HTTP server (python3 from the host, via the `python:*` mapping).
@@ -497,4 +499,150 @@ async fn drained_node_evicts_gracefully() -> Result<()> {
     .await;
     kubectl(&["uncordon", &node]).await?;
     result
+}
+
+/// The node agent holds containers to their memory limit and security context as a
+/// kubelet does, so that a regression in Kiln's own pods (more memory than their limit, a
+/// write outside their volumes, running as root) fails the end-to-end tests as it would
+/// fail on a real node.
+#[tokio::test]
+async fn containers_are_held_to_their_memory_limit_and_security_context() -> Result<()> {
+    let _g = serial().await;
+    let client = client().await?;
+    let ns = TestNamespace::new(&client, "e2e-confine").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // Writable by anyone, but not one of the agent's shared paths: only a read-only root
+    // stops a write there.
+    let outside = repo().join(".cache/rootfs-probe");
+    std::fs::create_dir_all(&outside)?;
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777))?;
+    let shared = scratch("confine")?;
+    let run = |name: &str, image: &str, command: serde_json::Value, extra: serde_json::Value| {
+        let mut p = json!({
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": image, "command": command}],
+            },
+        });
+        json_patch(&mut p["spec"], extra);
+        serde_json::from_value::<Pod>(p)
+    };
+    let probe = format!(
+        r#"set -u
+say() {{ echo "$1" > /dev/termination-log; exit "$2"; }}
+[ "$(id -u)" = 65532 ] || say "uid $(id -u)" 11
+id -G | grep -qw 65532 || say "groups $(id -G)" 12
+grep -q 'NoNewPrivs:[[:space:]]*1' /proc/self/status || say "no_new_privs unset" 13
+if echo x 2>/dev/null > '{outside}/probe'; then say "wrote outside its volumes" 14; fi
+echo x > /tmp/probe || say "emptyDir not writable" 15
+echo x > '{shared}/probe' || say "shared path not writable" 16
+say confined 0
+"#,
+        outside = outside.display(),
+        shared = shared.display(),
+    );
+    let confined = json!({
+        "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                            "fsGroup": 65532},
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "containers": [{"name": "main", "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+            "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false}}],
+    });
+    let hog = json!({"containers": [{"name": "main",
+        "resources": {"limits": {"memory": "64Mi"}, "requests": {"memory": "64Mi"}}}]});
+    let root = json!({"securityContext": {"runAsNonRoot": true}});
+    for p in [
+        run(
+            "confined",
+            "busybox:1",
+            json!(["sh", "-c", probe]),
+            confined,
+        )?,
+        run(
+            "hog",
+            "python:3",
+            json!(["python3", "-c", "b = b'x' * (512 << 20); print(len(b))"]),
+            hog,
+        )?,
+        run("root", "busybox:1", json!(["sh", "-c", "exit 0"]), root)?,
+    ] {
+        pods.create(&PostParams::default(), &p).await?;
+    }
+
+    let ended = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            wait_for(name, Duration::from_secs(60), || async {
+                let p = pods.get(name).await?;
+                let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                Ok(matches!(phase.as_deref(), Some("Succeeded" | "Failed")).then_some(p))
+            })
+            .await
+        }
+    };
+    let terminated = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.clone())
+            .context("no terminated state")
+    };
+    let t = terminated(&ended("confined").await?)?;
+    ensure!(
+        t.exit_code == 0 && t.message.as_deref().map(str::trim) == Some("confined"),
+        "confined pod: exit {} {:?}",
+        t.exit_code,
+        t.message
+    );
+    let t = terminated(&ended("hog").await?)?;
+    ensure!(
+        t.reason.as_deref() == Some("OOMKilled") && t.exit_code == 137,
+        "a pod over its memory limit ended {:?} with exit {}",
+        t.reason,
+        t.exit_code
+    );
+    let waiting = wait_for("root refused", Duration::from_secs(30), || async {
+        let p = pods.get("root").await?;
+        let w = p
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|cs| cs.into_iter().next())
+            .and_then(|c| c.state)
+            .and_then(|s| s.waiting);
+        Ok(w.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
+    })
+    .await?;
+    ensure!(
+        waiting
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("runAsNonRoot")),
+        "message {:?}",
+        waiting.message
+    );
+    Ok(())
+}
+
+/// Merges `patch` into `base`: objects key by key, the containers list item by item.
+fn json_patch(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                json_patch(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (serde_json::Value::Array(b), serde_json::Value::Array(p)) => {
+            for (i, v) in p.into_iter().enumerate() {
+                match b.get_mut(i) {
+                    Some(slot) => json_patch(slot, v),
+                    None => b.push(v),
+                }
+            }
+        }
+        (b, p) => *b = p,
+    }
 }

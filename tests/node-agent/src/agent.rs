@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, NodeConfig};
 use crate::error::{Error, Result};
+use crate::limits::Cgroups;
 use crate::net::{self, IpPool, Registry};
 use crate::node::{self, NodeNet};
 use crate::pod::{PodMsg, Worker};
@@ -36,6 +37,8 @@ pub struct Shared {
     pub api_port: u16,
     /// Where pods reach the API server, once known.
     pub api: std::sync::OnceLock<SocketAddrV4>,
+    /// Where containers' memory cgroups go; None when limits cannot be enforced here.
+    pub cgroups: Option<Cgroups>,
 }
 
 impl Shared {
@@ -117,6 +120,7 @@ impl Agent {
                 gateway,
                 api_port,
                 api: std::sync::OnceLock::new(),
+                cgroups: Cgroups::detect(Path::new("/sys/fs/cgroup")),
             }),
             nodes,
             workers: Mutex::new(HashMap::new()),

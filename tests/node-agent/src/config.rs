@@ -47,6 +47,11 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// Image → executable mappings, first match wins.
     pub images: Vec<ImageMapping>,
+    /// Host directories that stay writable in a container with `readOnlyRootFilesystem`
+    /// (relative paths are relative to the repository root): they stand for a shared
+    /// volume every node mounts, where jobs of the end-to-end tests read and write.
+    #[serde(default)]
+    pub shared_paths: Vec<String>,
 }
 
 /// Spot or on-demand.
@@ -141,6 +146,11 @@ fn default_pods() -> u32 {
 }
 
 impl Config {
+    /// The shared paths, absolute.
+    pub fn shared_paths(&self, repo: &Path) -> Vec<PathBuf> {
+        self.shared_paths.iter().map(|p| repo.join(p)).collect()
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {

@@ -68,6 +68,16 @@ pub enum Error {
     UnmappedImage { image: String, container: String },
     #[error("container {container} has no command: neither the pod nor the image mapping sets one")]
     NoCommand { container: String },
+    #[error("container {container} has runAsNonRoot and image will run as root")]
+    RunsAsRoot { container: String },
+    #[error("container {container}: securityContext {field} {value} is not a valid id")]
+    InvalidSecurityContext {
+        container: String,
+        field: &'static str,
+        value: i64,
+    },
+    #[error("container {container}: memory limit {quantity:?} is not a quantity of bytes")]
+    InvalidLimit { container: String, quantity: String },
     #[error("unsupported env source for {var} in container {container}")]
     UnsupportedEnv { var: String, container: String },
     #[error("running `{command}`: {source}")]
@@ -116,6 +126,9 @@ impl Error {
             Error::UnmappedImage { .. }
             | Error::NoCommand { .. }
             | Error::UnsupportedEnv { .. }
+            | Error::RunsAsRoot { .. }
+            | Error::InvalidSecurityContext { .. }
+            | Error::InvalidLimit { .. }
             | Error::SpawnContainer { .. }
             | Error::Signal { .. } => "container",
             Error::RunCommand { .. }

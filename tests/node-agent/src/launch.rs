@@ -11,7 +11,9 @@ use kube::{Api, Client};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::process::{Launch, expand, field_value, start_script};
+use crate::limits::{self, Cgroups};
+use crate::process::{Launch, ScriptOptions, expand, field_value, start_script};
+use crate::security;
 use crate::volumes::container_mounts;
 
 /// Files of one container inside the pod directory.
@@ -172,6 +174,7 @@ pub async fn prepare(
     pod_dir: &Path,
     volumes: &BTreeMap<String, PathBuf>,
     api: Option<SocketAddrV4>,
+    cgroups: Option<&Cgroups>,
 ) -> Result<Launch> {
     let image = c.image.clone().unwrap_or_default();
     let mapping = config.image(&image).ok_or_else(|| Error::UnmappedImage {
@@ -194,12 +197,24 @@ pub async fn prepare(
         .clone()
         .map(PathBuf::from)
         .unwrap_or_else(|| pod_dir.to_owned());
-    let text = start_script(&mounts, &workdir);
+    let security = security::security(pod, c)?;
+    let limit = limits::memory_limit(c)?;
+    let group = cgroups.map(|cg| cg.group(&pod.metadata.uid.clone().unwrap_or_default(), &c.name));
+    let shared = config.shared_paths(repo);
+    let text = start_script(
+        &mounts,
+        &ScriptOptions {
+            workdir: &workdir,
+            security: &security,
+            shared: &shared,
+        },
+    );
     std::fs::write(&script, text).map_err(|source| Error::WriteFile {
         path: script.clone(),
         source,
     })?;
     Ok(Launch {
+        memory: group.map(|g| (g, limit)),
         netns: netns.to_owned(),
         script,
         argv,

@@ -8,10 +8,12 @@ mod config;
 mod control;
 mod error;
 mod launch;
+mod limits;
 mod net;
 mod node;
 mod pod;
 mod process;
+mod security;
 mod status;
 mod volumes;
 

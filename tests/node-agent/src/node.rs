@@ -138,7 +138,7 @@ pub fn node_status(
         ("cpu", cfg.cpu.clone()),
         ("memory", cfg.memory.clone()),
         ("pods", cfg.pods.to_string()),
-        ("ephemeral-storage", "100Gi".to_owned()),
+        ("ephemeral-storage", "500Gi".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), Quantity(v)))

@@ -1,6 +1,8 @@
 //! One pod's life on a node: network namespace, container processes,
 //! restarts, status, graceful deletion.
 
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use tracing::{info, warn};
 use crate::agent::{NodeRuntime, Shared};
 use crate::error::{Error, Result};
 use crate::launch::{self, container_files};
+use crate::limits::Group;
 use crate::net::{self, PodNet};
 use crate::process::{self, Exit, Launch};
 use crate::status::{self, ContainerRuntime, Phase, PodView, State, Terminated};
@@ -42,6 +45,8 @@ struct Proc {
     pid: i32,
     generation: u64,
     started_at: Timestamp,
+    /// The container's cgroup and its OOM-kill count when the process started.
+    memory: Option<(Group, u64)>,
 }
 
 /// Why the main loop stopped.
@@ -285,6 +290,7 @@ impl Worker {
                     &self.dir,
                     &vols,
                     self.shared.api(),
+                    self.shared.cgroups.as_ref(),
                 )
                 .await?,
             );
@@ -296,9 +302,27 @@ impl Worker {
     fn start(&mut self, i: usize) {
         let name = self.containers[i].name.clone();
         let (_, termination, _) = container_files(&self.dir, &name);
+        // Writable by any user, as the kubelet makes it.
         let _ = std::fs::write(&termination, b"");
+        let _ = std::fs::set_permissions(&termination, Permissions::from_mode(0o666));
         self.generation += 1;
         let generation = self.generation;
+        let memory = match &self.launches[i].memory {
+            Some((group, limit)) => match group.prepare(*limit) {
+                Ok(before) => Some((group.clone(), before)),
+                Err(e) => {
+                    warn!(pod = %self.key(), error = %e, "container's memory cgroup failed");
+                    self.containers[i].state = State::Waiting {
+                        reason: "RunContainerError".into(),
+                        message: Some(e.to_string()),
+                    };
+                    self.schedule_restart(i, false);
+                    self.dirty = true;
+                    return;
+                }
+            },
+            None => None,
+        };
         match process::spawn(&name, &self.launches[i]) {
             Ok(started) => {
                 let now = Timestamp::now();
@@ -311,6 +335,7 @@ impl Worker {
                     pid: started.pid,
                     generation,
                     started_at: now,
+                    memory,
                 });
                 let tx = self.exits_tx.clone();
                 tokio::spawn(async move {
@@ -361,7 +386,7 @@ impl Worker {
             c.termination_message_policy.as_deref(),
             failed,
         );
-        let t = Terminated::from_exit(
+        let mut t = Terminated::from_exit(
             exit.code,
             exit.signal,
             Some(p.started_at),
@@ -369,6 +394,12 @@ impl Worker {
             message,
             Some(format!("kiln://{}/{}", self.node.cfg.name, p.pid)),
         );
+        if let Some((group, before)) = &p.memory {
+            if group.oom_kills() > *before && t.exit_code != 0 {
+                t.reason = "OOMKilled".into();
+            }
+            group.remove();
+        }
         info!(pod = %self.key(), container = %c.name, exit_code = t.exit_code, "container exited");
         let ran_long = Timestamp::now().duration_since(p.started_at).as_secs() >= 10;
         if may_restart && status::should_restart(&self.restart_policy(), t.exit_code) {
@@ -474,6 +505,14 @@ impl Worker {
     }
 
     async fn teardown(&mut self) {
+        let groups: Vec<Group> = self
+            .launches
+            .iter()
+            .filter_map(|l| l.memory.as_ref().map(|(g, _)| g.clone()))
+            .collect();
+        for group in groups {
+            group.remove_when_empty().await;
+        }
         if let Some(n) = self.net.take() {
             net::teardown_pod(&self.shared.registry, &n).await;
         }

@@ -16,6 +16,7 @@ use kube::{Api, Client};
 
 use crate::error::{Error, Result};
 use crate::process::{Mount, field_value};
+use crate::security;
 
 fn write(path: &Path, data: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
@@ -228,9 +229,37 @@ pub async fn prepare(
     for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
         let dir = pod_dir.join("volumes").join(&v.name);
         materialise(&src, v, &dir).await?;
+        if v.empty_dir.is_some() {
+            security::open_empty_dir(&dir, security::fs_group(pod))?;
+        }
         out.insert(v.name.clone(), dir);
     }
     Ok(out)
+}
+
+/// Creates the directories from `base` down to `path` that are missing, each with the mode
+/// and group of `base`: a subPath of an emptyDir is as open as the emptyDir.
+fn make_sub_dirs(base: &Path, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(base) else {
+        return;
+    };
+    let mut dir = base.to_path_buf();
+    for part in path
+        .strip_prefix(base)
+        .into_iter()
+        .flat_map(Path::components)
+    {
+        dir.push(part);
+        if dir.exists() {
+            continue;
+        }
+        if std::fs::create_dir(&dir).is_err() {
+            return;
+        }
+        let _ = std::fs::set_permissions(&dir, meta.permissions());
+        let _ = std::os::unix::fs::chown(&dir, None, Some(meta.gid()));
+    }
 }
 
 /// The bind mounts of one container: its volume mounts, then its
@@ -251,7 +280,7 @@ pub fn container_mounts(
                     let path = base.join(sub);
                     // Like the kubelet: a missing subPath of a directory volume is created.
                     if base.is_dir() && !path.exists() {
-                        let _ = std::fs::create_dir_all(&path);
+                        make_sub_dirs(base, &path);
                     }
                     path
                 }
@@ -300,6 +329,32 @@ mod tests {
             select_items(&data, Some(&items)),
             vec![("x/b.txt".to_string(), b"2".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_missing_sub_path_is_as_open_as_its_volume() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("scratch");
+        std::fs::create_dir(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let c = Container {
+            name: "c".into(),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "scratch".into(),
+                mount_path: "/tmp/work/spill".into(),
+                sub_path: Some("work/spill".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let vols: BTreeMap<String, PathBuf> = [("scratch".to_string(), base.clone())].into();
+        let m = container_mounts(&c, &vols, Path::new("/p/term-c"));
+        assert_eq!(m[0].source, base.join("work/spill"));
+        for d in [base.join("work"), base.join("work/spill")] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o777, "{}", d.display());
+        }
     }
 
     #[test]
