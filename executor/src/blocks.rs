@@ -31,6 +31,13 @@ impl BlockId {
         Self { stage, map, reduce }
     }
 
+    /// This executor's copy of pass-through block `(stage, map, 0)` of another executor,
+    /// fetched once for all the tasks here that read it whole (broadcast reads). Its reduce
+    /// partition is one no shuffle has, so it never meets a block of its own.
+    pub fn replica(&self) -> Self {
+        Self::new(self.stage, self.map, u32::MAX)
+    }
+
     /// The Flight ticket naming this block.
     pub fn ticket(&self) -> String {
         format!("{}/{}/{}", self.stage, self.map, self.reduce)

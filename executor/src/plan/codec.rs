@@ -67,10 +67,10 @@ impl PhysicalExtensionCodec for KilnCodec {
             Node::Reader(r) => {
                 let proto = protobuf::Schema::decode(r.schema.as_slice()).map_err(decode_err)?;
                 let schema = Schema::try_from(&proto)?;
-                let mode = if r.pass_through {
-                    ReadMode::PassThrough
-                } else {
-                    ReadMode::Hash
+                let mode = match (r.pass_through, r.broadcast) {
+                    (true, true) => ReadMode::Broadcast,
+                    (true, false) => ReadMode::PassThrough,
+                    (false, _) => ReadMode::Hash,
                 };
                 let locations = r.resolved.then(|| {
                     r.locations
@@ -122,7 +122,8 @@ impl PhysicalExtensionCodec for KilnCodec {
             Node::Reader(rpc::ShuffleReaderNode {
                 stage: r.stage(),
                 schema: schema.encode_to_vec(),
-                pass_through: r.mode() == ReadMode::PassThrough,
+                pass_through: r.mode() != ReadMode::Hash,
+                broadcast: r.mode() == ReadMode::Broadcast,
                 partitions: r.partitions() as u32,
                 resolved: r.locations().is_some(),
                 locations: r

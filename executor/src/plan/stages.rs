@@ -137,8 +137,41 @@ impl StagePlanner {
             ));
             return replace_children_if_necessary(plan, vec![reader]);
         }
+        let children = broadcast_build_side(&plan, children)?;
         replace_children_if_necessary(plan, children)
     }
+}
+
+/// A join that collects its left side (a broadcast hash join, a nested-loop join) has every
+/// task of its stage read that side whole: its pass-through reader becomes a broadcast
+/// reader, so that an executor fetches each block once for all its tasks.
+fn broadcast_build_side(
+    plan: &Arc<dyn ExecutionPlan>,
+    mut children: Vec<Arc<dyn ExecutionPlan>>,
+) -> DfResult<Vec<Arc<dyn ExecutionPlan>>> {
+    let collects_left = plan
+        .downcast_ref::<HashJoinExec>()
+        .is_some_and(|j| *j.partition_mode() == PartitionMode::CollectLeft)
+        || plan.is::<NestedLoopJoinExec>();
+    let Some(left) = children.first().filter(|_| collects_left) else {
+        return Ok(children);
+    };
+    let Some(reader) = left
+        .downcast_ref::<CoalescePartitionsExec>()
+        .and_then(|m| m.input().downcast_ref::<ShuffleReaderExec>())
+        .filter(|r| r.mode() == ReadMode::PassThrough)
+    else {
+        return Ok(children);
+    };
+    let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
+        reader.stage(),
+        reader.schema(),
+        ReadMode::Broadcast,
+        reader.partitions(),
+        None,
+    ));
+    children[0] = replace_children_if_necessary(left.clone(), vec![reader])?;
+    Ok(children)
 }
 
 impl StagePlanner {

@@ -156,35 +156,69 @@ async fn stage_plans_round_trip_through_the_codec() {
         .split(plan, &FinalOutput::Blocks)
         .unwrap();
     for stage in stages {
-        // resolve every reader as the driver would before shipping
-        use datafusion::common::tree_node::{Transformed, TreeNode};
-        let resolved = stage
-            .plan
-            .clone()
-            .transform_up(|node| {
-                Ok(match node.downcast_ref::<ShuffleReaderExec>() {
-                    Some(r) => Transformed::yes(Arc::new(r.resolved(vec![
-                        Location {
-                            executor: "exec-0".into(),
-                            address: "127.0.0.1:1".into(),
-                        };
-                        4
-                    ])) as Arc<dyn ExecutionPlan>),
-                    None => Transformed::no(node),
-                })
-            })
-            .unwrap()
-            .data;
-        let bytes =
-            physical_plan_to_bytes_with_extension_codec(resolved.clone(), &KilnCodec).unwrap();
-        let back =
-            physical_plan_from_bytes_with_extension_codec(&bytes, &ctx.task_ctx(), &KilnCodec)
-                .unwrap();
-        assert_eq!(
-            displayable(back.as_ref()).indent(true).to_string(),
-            displayable(resolved.as_ref()).indent(true).to_string(),
-            "stage {} changed in transit",
-            stage.id
-        );
+        assert_round_trips(&ctx, &stage);
     }
+}
+
+/// Resolves every reader of `stage` as the driver does before shipping it, sends the plan
+/// through the codec and checks it arrives unchanged.
+fn assert_round_trips(ctx: &SessionContext, stage: &Stage) {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    let resolved = stage
+        .plan
+        .clone()
+        .transform_up(|node| {
+            Ok(match node.downcast_ref::<ShuffleReaderExec>() {
+                Some(r) => Transformed::yes(Arc::new(r.resolved(vec![
+                    Location {
+                        executor: "exec-0".into(),
+                        address: "127.0.0.1:1".into(),
+                    };
+                    r.partitions()
+                ])) as Arc<dyn ExecutionPlan>),
+                None => Transformed::no(node),
+            })
+        })
+        .unwrap()
+        .data;
+    let bytes = physical_plan_to_bytes_with_extension_codec(resolved.clone(), &KilnCodec).unwrap();
+    let back =
+        physical_plan_from_bytes_with_extension_codec(&bytes, &ctx.task_ctx(), &KilnCodec).unwrap();
+    assert_eq!(
+        displayable(back.as_ref()).indent(true).to_string(),
+        displayable(resolved.as_ref()).indent(true).to_string(),
+        "stage {} changed in transit",
+        stage.id
+    );
+}
+
+#[tokio::test]
+async fn a_broadcast_join_reads_its_build_side_as_a_broadcast_and_keeps_it_in_transit() {
+    let ctx = context().await;
+    // Both sides are far below the broadcast threshold: the join collects its left side.
+    let plan = physical(&ctx, "SELECT a.k, b.v FROM t a JOIN t b ON a.k = b.k").await;
+    let stages = StagePlanner::new(4)
+        .split(plan, &FinalOutput::Blocks)
+        .unwrap();
+    let mut broadcast = Vec::new();
+    for stage in &stages {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        stage
+            .plan
+            .apply(|p| {
+                if let Some(r) = p.downcast_ref::<ShuffleReaderExec>()
+                    && r.mode() == ReadMode::Broadcast
+                {
+                    broadcast.push(stage.id);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .unwrap();
+        assert_round_trips(&ctx, stage);
+    }
+    assert_eq!(
+        broadcast.len(),
+        1,
+        "one stage reads the build side as a broadcast: {stages:#?}"
+    );
 }

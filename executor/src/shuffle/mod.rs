@@ -20,7 +20,7 @@ pub use flight::{
 pub use reader::{Location, ReadMode, ShuffleReaderExec};
 pub use writer::ShuffleWriterExec;
 
-use crate::blocks::BlockStore;
+use crate::blocks::{BlockId, BlockStore};
 
 /// What Kiln's execution nodes need from the executor they run in; carried as an extension
 /// of the session config.
@@ -31,9 +31,23 @@ pub struct ShuffleEnv {
     pub store: Arc<BlockStore>,
     /// Flight clients to other executors.
     pub peers: PeerClients,
+    /// One lock per replica being fetched for broadcast reads, so that it is fetched once.
+    pub replicas: ReplicaGates,
 }
 
+/// Locks of the replicas of broadcast blocks, by replica id.
+#[derive(Debug, Default)]
+pub struct ReplicaGates(
+    std::sync::Mutex<std::collections::HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
+);
+
 impl ShuffleEnv {
+    /// The lock a task holds while it looks for or fetches `replica`.
+    pub fn replica_gate(&self, replica: BlockId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.replicas.0.lock().unwrap();
+        gates.entry(replica).or_default().clone()
+    }
+
     /// The env of the session a task runs in.
     pub fn from_task(ctx: &TaskContext) -> DfResult<Arc<ShuffleEnv>> {
         ctx.session_config()

@@ -33,6 +33,10 @@ pub enum ReadMode {
     Hash,
     /// Partition `p` reads block `(stage, p, 0)`: the whole output of map task `p`.
     PassThrough,
+    /// As `PassThrough`, read whole by every task of the stage (the build side of a
+    /// broadcast join): an executor fetches each remote block once, keeps it as a replica in
+    /// its block store, and serves its other tasks from there.
+    Broadcast,
 }
 
 /// Where one map task's output lives.
@@ -175,7 +179,7 @@ impl ExecutionPlan for ShuffleReaderExec {
                     )
                 })
                 .collect(),
-            ReadMode::PassThrough => vec![(
+            ReadMode::PassThrough | ReadMode::Broadcast => vec![(
                 BlockId::new(self.stage, partition as u32, 0),
                 locations.get(partition).cloned().ok_or_else(|| {
                     DataFusionError::Internal(format!(
@@ -189,8 +193,9 @@ impl ExecutionPlan for ShuffleReaderExec {
             remote: MetricBuilder::new(&self.metrics).counter("remote_bytes_fetched", partition),
             local: MetricBuilder::new(&self.metrics).counter("local_bytes_fetched", partition),
         };
+        let broadcast = self.mode == ReadMode::Broadcast;
         let stream = futures::stream::iter(blocks)
-            .map(move |(id, loc)| fetch(env.clone(), id, loc, counters.clone()))
+            .map(move |(id, loc)| fetch(env.clone(), id, loc, counters.clone(), broadcast))
             .buffered(FETCH_CONCURRENCY)
             .try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -226,6 +231,7 @@ async fn fetch(
     id: BlockId,
     loc: Location,
     counters: FetchCounters,
+    broadcast: bool,
 ) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>> {
     if loc.executor == env.executor_id {
         let (_, batches) = env
@@ -237,10 +243,46 @@ async fn fetch(
         counters.local.add(bytes);
         return Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed());
     }
-    let batches = env
-        .peers
-        .fetch(&loc.address, id, counters.remote)
-        .await
-        .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
+    let batches = if broadcast {
+        fetch_replica(&env, id, &loc, &counters).await?
+    } else {
+        env.peers
+            .fetch(&loc.address, id, counters.remote)
+            .await
+            .map_err(|e| fetch_failed(id, &loc, e.to_string()))?
+    };
     Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed())
+}
+
+/// A remote block every task reads whole: from this executor's replica when an earlier task
+/// fetched it, else fetched once (tasks that want it meanwhile wait for that fetch) and kept
+/// as a replica in the block store, which counts, spills and drops it with its stage.
+async fn fetch_replica(
+    env: &ShuffleEnv,
+    id: BlockId,
+    loc: &Location,
+    counters: &FetchCounters,
+) -> DfResult<Vec<RecordBatch>> {
+    let replica = id.replica();
+    let failed = |e: Error| fetch_failed(id, loc, e.to_string());
+    let gate = env.replica_gate(replica);
+    let _only_fetch = gate.lock().await;
+    if env.store.contains(replica) {
+        let (_, batches) = env.store.get(replica).await.map_err(failed)?;
+        counters
+            .local
+            .add(batches.iter().map(|b| b.get_array_memory_size()).sum());
+        return Ok(batches);
+    }
+    let (schema, batches) = env
+        .peers
+        .fetch_block(&loc.address, id, counters.remote.clone())
+        .await
+        .map_err(failed)?;
+    env.store.create(replica, schema);
+    env.store
+        .append(replica, batches.clone())
+        .await
+        .map_err(failed)?;
+    Ok(batches)
 }

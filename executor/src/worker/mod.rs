@@ -414,6 +414,7 @@ fn set_up(
         executor_id: opts.executor_id.clone(),
         store: store.clone(),
         peers: PeerClients::new(opts.tls.clone()),
+        replicas: Default::default(),
     });
     let ctx = Arc::new(executor_context(
         &spec,
