@@ -76,8 +76,12 @@ pub enum Error {
         field: &'static str,
         value: i64,
     },
-    #[error("container {container}: memory limit {quantity:?} is not a quantity of bytes")]
-    InvalidLimit { container: String, quantity: String },
+    #[error("container {container}: memory limit {quantity:?}: {source}")]
+    InvalidLimit {
+        container: String,
+        quantity: String,
+        source: kiln_api::Error,
+    },
     #[error("unsupported env source for {var} in container {container}")]
     UnsupportedEnv { var: String, container: String },
     #[error("running `{command}`: {source}")]

@@ -201,45 +201,13 @@ pub fn memory_limit(c: &Container) -> Result<Option<u64>> {
     else {
         return Ok(None);
     };
-    quantity_bytes(&q.0)
+    kiln_api::parse_memory(&q.0)
         .map(Some)
-        .ok_or_else(|| Error::InvalidLimit {
+        .map_err(|source| Error::InvalidLimit {
             container: c.name.clone(),
             quantity: q.0.clone(),
+            source,
         })
-}
-
-/// A Kubernetes quantity (`512Mi`, `1.5G`, `1e9`, `100m`) in whole bytes, rounded up;
-/// None when it is not one or does not fit.
-pub fn quantity_bytes(s: &str) -> Option<u64> {
-    const SUFFIXES: [(&str, f64); 13] = [
-        ("Ki", 1024.0),
-        ("Mi", 1048576.0),
-        ("Gi", 1073741824.0),
-        ("Ti", 1099511627776.0),
-        ("Pi", 1125899906842624.0),
-        ("Ei", 1152921504606846976.0),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-        ("m", 1e-3),
-    ];
-    let s = s.trim();
-    let (number, factor) = SUFFIXES
-        .iter()
-        .find_map(|(suffix, f)| s.strip_suffix(suffix).map(|n| (n, *f)))
-        .unwrap_or((s, 1.0));
-    if number.is_empty() || number.contains(['i', 'I', 'n', 'N']) {
-        return None;
-    }
-    let value = number.parse::<f64>().ok()? * factor;
-    // 2^64 is exactly representable; anything at or above it does not fit.
-    (0.0..18446744073709551616.0)
-        .contains(&value)
-        .then(|| value.ceil() as u64)
 }
 
 #[cfg(test)]
@@ -247,22 +215,6 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ResourceRequirements;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-
-    #[test]
-    fn quantities() {
-        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
-        assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
-        assert_eq!(quantity_bytes("1e9"), Some(1_000_000_000));
-        assert_eq!(quantity_bytes("500M"), Some(500_000_000));
-        assert_eq!(quantity_bytes("100m"), Some(1));
-        assert_eq!(quantity_bytes("64"), Some(64));
-        assert_eq!(quantity_bytes("1e99"), None);
-        assert_eq!(quantity_bytes("-1Gi"), None);
-        assert_eq!(quantity_bytes("NaN"), None);
-        assert_eq!(quantity_bytes("inf"), None);
-        assert_eq!(quantity_bytes("Mi"), None);
-        assert_eq!(quantity_bytes("lots"), None);
-    }
 
     #[test]
     fn limits_come_from_the_container() {
@@ -282,7 +234,7 @@ mod tests {
         });
         assert!(matches!(
             memory_limit(&c),
-            Err(Error::InvalidLimit { container, quantity }) if container == "main" && quantity == "huge"
+            Err(Error::InvalidLimit { container, quantity, .. }) if container == "main" && quantity == "huge"
         ));
     }
 

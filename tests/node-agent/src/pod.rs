@@ -302,24 +302,18 @@ impl Worker {
     fn start(&mut self, i: usize) {
         let name = self.containers[i].name.clone();
         let (_, termination, _) = container_files(&self.dir, &name);
-        // Writable by any user, as the kubelet makes it.
-        let _ = std::fs::write(&termination, b"");
-        let _ = std::fs::set_permissions(&termination, Permissions::from_mode(0o666));
+        // Empty, and writable by any user, as the kubelet makes it.
+        if let Err(e) = std::fs::write(&termination, b"")
+            .and_then(|()| std::fs::set_permissions(&termination, Permissions::from_mode(0o666)))
+        {
+            warn!(pod = %self.key(), container = %name, error = %e, "termination-message file not ready");
+        }
         self.generation += 1;
         let generation = self.generation;
         let memory = match &self.launches[i].memory {
             Some((group, limit)) => match group.prepare(*limit) {
                 Ok(before) => Some((group.clone(), before)),
-                Err(e) => {
-                    warn!(pod = %self.key(), error = %e, "container's memory cgroup failed");
-                    self.containers[i].state = State::Waiting {
-                        reason: "RunContainerError".into(),
-                        message: Some(e.to_string()),
-                    };
-                    self.schedule_restart(i, false);
-                    self.dirty = true;
-                    return;
-                }
+                Err(e) => return self.start_failed(i, &e),
             },
             None => None,
         };
@@ -346,15 +340,20 @@ impl Worker {
                     let _ = tx.send((i, generation, exit));
                 });
             }
-            Err(e) => {
-                warn!(pod = %self.key(), error = %e, "container start failed");
-                self.containers[i].state = State::Waiting {
-                    reason: "RunContainerError".into(),
-                    message: Some(e.to_string()),
-                };
-                self.schedule_restart(i, false);
-            }
+            Err(e) => return self.start_failed(i, &e),
         }
+        self.dirty = true;
+    }
+
+    /// A container that could not start (its cgroup or its process): waiting, restarted
+    /// after the back-off.
+    fn start_failed(&mut self, i: usize, e: &Error) {
+        warn!(pod = %self.key(), container = %self.containers[i].name, error = %e, "container start failed");
+        self.containers[i].state = State::Waiting {
+            reason: "RunContainerError".into(),
+            message: Some(e.to_string()),
+        };
+        self.schedule_restart(i, false);
         self.dirty = true;
     }
 

@@ -69,6 +69,7 @@ pub fn security(pod: &Pod, c: &Container) -> Result<Security> {
     {
         groups.push(id(&c.name, "supplementalGroups", g)?);
     }
+    groups.sort_unstable();
     groups.dedup();
     let run_as = (uid.is_some() || gid.is_some() || !groups.is_empty()).then(|| RunAs {
         uid: uid.unwrap_or(0),
