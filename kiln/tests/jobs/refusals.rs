@@ -2,16 +2,15 @@
 //! step: DDL, DML (`COPY` and `INSERT` write files), and statements that change the session.
 //! Each job runs its step against a real CSV input with `kiln run`; nothing is written.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{run_job_with, tail};
+use crate::common::{run_job_with, shared, tail};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
 fn steps_that_are_not_queries_are_refused_naming_the_step() {
+    let _machine = shared();
     let dir = tempfile::tempdir().expect("temp dir");
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).expect("input dir");

@@ -2,26 +2,17 @@
 //! executor processes, and every job must still give the output of its no-failure run while
 //! recomputing only what the lost executor held.
 //!
-//! Tests in this file run one at a time: they measure recovery on a 2-core machine, and
-//! several jobs of four executors at once would make heartbeats late for no reason.
-
-mod common;
+//! Each test here has the machine to itself (`alone()`): they measure recovery on a 2-core
+//! machine, and several jobs of four executors at once would make heartbeats late for no reason.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const EXECUTORS: u32 = 4;
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn losses(summary: &Value) -> &Vec<Value> {
     summary["recovery"]["losses"]
@@ -95,7 +86,7 @@ fn check_one_kill(
 
 #[test]
 fn tpch_queries_survive_a_killed_executor() {
-    let _serial = serial();
+    let _serial = alone();
     let data = tpch_data(0.1);
     let rt = runtime();
     let mut failures = Vec::new();
@@ -125,7 +116,7 @@ fn tpch_queries_survive_a_killed_executor() {
 /// recomputed, and no budget spent (the jobs allow no executor loss at all).
 #[test]
 fn tpch_queries_lose_nothing_to_a_drained_executor() {
-    let _serial = serial();
+    let _serial = alone();
     let data = tpch_data(0.1);
     let rt = runtime();
     let mut failures = Vec::new();
@@ -177,7 +168,7 @@ fn tpch_queries_lose_nothing_to_a_drained_executor() {
 
 #[test]
 fn wordcount_survives_a_killed_executor() {
-    let _serial = serial();
+    let _serial = alone();
     let rt = runtime();
     let dir = tempfile::tempdir().expect("temp dir");
     let (_, baseline) = run(
@@ -213,7 +204,7 @@ fn multi_task_stages(summary: &Value, n: usize) -> Vec<i64> {
 
 #[test]
 fn kills_within_the_loss_budget_keep_the_job_correct_and_one_more_fails_it() {
-    let _serial = serial();
+    let _serial = alone();
     let data = tpch_data(0.1);
     let rt = runtime();
     let sql = read_query(&workspace_root().join("bench/queries/q9.sql"));
@@ -297,7 +288,7 @@ fn kills_within_the_loss_budget_keep_the_job_correct_and_one_more_fails_it() {
 /// the stopped executor reports after SIGCONT is ignored.
 #[test]
 fn a_paused_executor_is_lost_only_past_the_heartbeat_timeout() {
-    let _serial = serial();
+    let _serial = alone();
     let data = tpch_data(0.1);
     let rt = runtime();
     let sql = read_query(&workspace_root().join("bench/queries/q18.sql"));

@@ -5,14 +5,12 @@
 //! show the answer) and once from a temporary copy with a Parquet output added, which is read
 //! back and compared value by value.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -117,6 +115,7 @@ fn expected_top_words() -> Vec<(String, i64)> {
 
 #[test]
 fn wordcount_finds_the_top_words() {
+    let _machine = shared();
     let expected = expected_top_words();
     let (rows, _) = run_example("wordcount");
     let actual: Vec<(String, i64)> = rows.iter().map(|r| (text(&r[0]), int(&r[1]))).collect();
@@ -132,6 +131,7 @@ fn wordcount_finds_the_top_words() {
 
 #[test]
 fn wordcount_prints_the_top_words() {
+    let _machine = shared();
     let expected = expected_top_words();
     let job = example_dir("wordcount").join("job.yaml");
     let out = run_kiln(&["run", job.to_str().unwrap(), "--executors", "2"], TIMEOUT);
@@ -174,6 +174,7 @@ fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
 
 #[test]
 fn tsv_join_matches_plain_rust() {
+    let _machine = shared();
     let dir = example_dir("tsv-join");
     let customers: HashMap<String, String> = read_tsv(&dir.join("customers.tsv"))
         .into_iter()
@@ -233,6 +234,7 @@ fn tsv_join_matches_plain_rust() {
 
 #[test]
 fn pi_is_estimated_from_every_slice() {
+    let _machine = shared();
     // Slices and the sample count, read from the example's input files.
     let mut slices = 0i64;
     let mut samples = 0i64;
@@ -265,7 +267,8 @@ fn pi_is_estimated_from_every_slice() {
 
 #[test]
 fn tpch_example_runs_query_3() {
-    // The example is query 3 of bench/queries (it needs generated data, run by tests/tpch.rs).
+    let _machine = shared();
+    // The example is query 3 of bench/queries (it needs generated data, run by the tpch tests).
     let job = load_job("tpch");
     let normalize = |sql: &str| sql.split_whitespace().collect::<Vec<_>>().join(" ");
     let example = normalize(job["steps"][0]["sql"].as_str().expect("step sql"));

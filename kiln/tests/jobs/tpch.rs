@@ -4,12 +4,10 @@
 //! The data is generated once with `kiln tpch` into `target/tpch-sf0.1/` and reused. Set
 //! `KILN_TPCH_QUERIES=3,5` to run only some queries.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
 const SCALE: f64 = 0.1;
@@ -90,6 +88,7 @@ fn selected_queries() -> Vec<u32> {
 
 #[test]
 fn tpch_sf01_matches_datafusion() {
+    let _machine = shared();
     let data = tpch_data(SCALE);
     let rt = runtime();
     let ctx = SessionContext::new();

@@ -1,17 +1,32 @@
 //! Helpers shared by the `kiln run` integration tests: locating the workspace, running the
 //! `kiln` binary on a job, reading a job's Parquet output back, and comparing row sets.
-#![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 use std::cmp::Ordering;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{self as dt, DataType};
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+/// Held by every test: tests that measure recovery take it alone, the others share it, so a
+/// recovery test never runs beside another job of executor processes (on a 2-core machine
+/// those would make its heartbeats late for no reason).
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// The machine to this test alone (recovery and commit tests).
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The machine shared with other tests that share it.
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The wordcount example over a shuffle of eight partitions, writing Parquet to `out`.
 pub fn wordcount_job(out: &Path) -> serde_yaml::Value {

@@ -2,13 +2,11 @@
 //! direct computation and against the clusters the points were drawn from, and PageRank
 //! with an executor killed between iterations.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use serde_json::Value;
@@ -110,6 +108,7 @@ fn run_pagerank(dir: &Path, extra: &[&str], what: &str) -> (Value, BTreeMap<i64,
 
 #[test]
 fn pagerank_matches_a_direct_computation() {
+    let _machine = shared();
     let dir = tempfile::tempdir().expect("temp dir");
     let (summary, ranks) = run_pagerank(dir.path(), &[], "pagerank");
     compare_ranks("pagerank", &reference_ranks(), &ranks);
@@ -122,6 +121,7 @@ fn pagerank_matches_a_direct_computation() {
 
 #[test]
 fn pagerank_recomputes_only_the_lost_cached_partitions() {
+    let _machine = shared();
     let dir = tempfile::tempdir().expect("temp dir");
     let (summary, ranks) = run_pagerank(
         dir.path(),
@@ -155,6 +155,7 @@ fn pagerank_recomputes_only_the_lost_cached_partitions() {
 
 #[test]
 fn pagerank_loses_nothing_when_every_executor_is_given_notice() {
+    let _machine = shared();
     // Two executors: after the first drain, the second notice strikes both that remain at
     // once, so their blocks wait for the replacements to register before they move.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -199,6 +200,7 @@ fn pagerank_loses_nothing_when_every_executor_is_given_notice() {
 
 #[test]
 fn kmeans_finds_the_clusters_the_points_came_from() {
+    let _machine = shared();
     let root = workspace_root().join("examples/kmeans");
     let text = std::fs::read_to_string(root.join("job.yaml")).expect("read the job");
     let mut job: serde_yaml::Value = serde_yaml::from_str(&text).expect("job yaml");
@@ -246,6 +248,7 @@ fn kmeans_finds_the_clusters_the_points_came_from() {
 
 #[test]
 fn a_bad_until_is_refused_before_any_work() {
+    let _machine = shared();
     let dir = tempfile::tempdir().expect("temp dir");
     let job: serde_yaml::Value = serde_yaml::from_str(
         "steps:\n  - name: n\n    initial: SELECT 1 AS v\n    sql: SELECT v + 1 AS v FROM n\n    until: SELECT max(v) FROM n\n",

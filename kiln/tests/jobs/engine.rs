@@ -1,14 +1,12 @@
 //! Engine behaviour through `kiln run`: a group-by larger than the executors' memory budget
 //! completes by spilling, and a `cache: Memory` step read by two later steps runs once.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::parquet::arrow::ArrowWriter;
@@ -61,6 +59,7 @@ async fn except_all_count(ctx: &SessionContext, left: &str, right: &str) -> usiz
 
 #[test]
 fn group_by_beyond_the_memory_budget_spills() {
+    let _machine = shared();
     let dir = tempfile::tempdir().expect("temp dir");
     let input = dir.path().join("events.parquet");
     write_high_cardinality_parquet(&input, SPILL_ROWS, SPILL_KEYS);
@@ -181,6 +180,7 @@ const CACHE_PARTITIONS: usize = 4;
 
 #[test]
 fn cached_step_read_twice_runs_once() {
+    let _machine = shared();
     let dir = tempfile::tempdir().expect("temp dir");
     let input = dir.path().join("events");
     write_csv_inputs(&input, CACHE_PARTITIONS, 5_000);

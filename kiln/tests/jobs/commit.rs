@@ -3,27 +3,18 @@
 //! task reports dropped on the wire or lost outright (the executor's fault hook), all
 //! through `kiln run` with real executor processes.
 //!
-//! Tests in this file run one at a time, like the recovery tests: several jobs of executor
-//! processes at once on a 2-core machine would make heartbeats late for no reason.
-
-mod common;
+//! Each test here has the machine to itself (`alone()`), like the recovery tests: several jobs
+//! of executor processes at once on a 2-core machine would make heartbeats late for no reason.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use datafusion::arrow::array::RecordBatch;
 use serde_json::Value;
 
 const EXECUTORS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The wordcount example counting every word (not the top twenty: the output stage then
 /// has a task per partition), with a short heartbeat timeout.
@@ -101,7 +92,7 @@ fn output_stage(summary: &Value) -> i64 {
 
 #[test]
 fn an_executor_killed_during_the_output_write_leaves_one_complete_output() {
-    let _serial = serial();
+    let _serial = alone();
     let dir = tempfile::tempdir().expect("temp dir");
     let (summary, baseline) = baseline(dir.path());
     let sink = output_stage(&summary).to_string();
@@ -128,7 +119,7 @@ fn an_executor_killed_during_the_output_write_leaves_one_complete_output() {
 
 #[test]
 fn a_driver_killed_twice_is_replaced_and_the_job_resumes_instead_of_rerunning() {
-    let _serial = serial();
+    let _serial = alone();
     let dir = tempfile::tempdir().expect("temp dir");
     let (base, baseline) = baseline(dir.path());
     let sink = output_stage(&base);
@@ -172,7 +163,7 @@ fn a_driver_killed_twice_is_replaced_and_the_job_resumes_instead_of_rerunning() 
 
 #[test]
 fn every_executor_lost_at_once_costs_the_job_nothing_but_time() {
-    let _serial = serial();
+    let _serial = alone();
     let dir = tempfile::tempdir().expect("temp dir");
     let (_, baseline) = baseline(dir.path());
     let kills: Vec<String> = (0..EXECUTORS)
@@ -199,7 +190,7 @@ fn every_executor_lost_at_once_costs_the_job_nothing_but_time() {
 
 #[test]
 fn dropped_and_lost_task_reports_do_not_hang_the_job() {
-    let _serial = serial();
+    let _serial = alone();
     let dir = tempfile::tempdir().expect("temp dir");
     let (base, baseline) = baseline(dir.path());
     // Each executor drops its first three report sends (sent again until acknowledged) and
@@ -228,7 +219,7 @@ fn dropped_and_lost_task_reports_do_not_hang_the_job() {
 
 #[test]
 fn a_result_bigger_than_max_result_bytes_fails_the_job_and_says_which_field() {
-    let _serial = serial();
+    let _serial = alone();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut job = all_words_job(&dir.path().join("unused"));
     job.as_mapping_mut().expect("a mapping").remove("output");
