@@ -10,6 +10,8 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 
 use crate::{Error, Result};
 
@@ -63,6 +65,12 @@ enum Data {
     /// Being written to `PathBuf`: still served (and counted) from memory until the write
     /// succeeded, so a failed write (a full disk) loses nothing.
     Writing(Vec<RecordBatch>, PathBuf),
+    Disk(PathBuf),
+}
+
+/// A segment as a reader finds it: its batches, or the file they were spilled to.
+enum Part {
+    Memory(Vec<RecordBatch>),
     Disk(PathBuf),
 }
 
@@ -202,7 +210,35 @@ impl BlockStore {
 
     /// The block's schema and batches, reading spilled segments back from disk.
     pub async fn get(&self, id: BlockId) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-        let (schema, parts) = {
+        let (schema, parts) = self.parts(id)?;
+        let mut out = Vec::new();
+        for part in parts {
+            match part {
+                Part::Memory(batches) => out.extend(batches),
+                Part::Disk(path) => out.extend(read_spill(path).await?),
+            }
+        }
+        Ok((schema, out))
+    }
+
+    /// The block's schema and its batches as a stream: segments in memory are shared as they
+    /// are, spilled segments are read back from disk one batch at a time when the stream
+    /// reaches them. Serving a spilled block thus holds a batch of it in memory, not all of it.
+    pub fn stream(&self, id: BlockId) -> Result<(SchemaRef, BatchStream)> {
+        let (schema, parts) = self.parts(id)?;
+        let batches = futures::stream::iter(parts)
+            .map(|part| match part {
+                Part::Memory(batches) => futures::stream::iter(batches.into_iter().map(Ok)).boxed(),
+                Part::Disk(path) => spill_stream(path),
+            })
+            .flatten()
+            .boxed();
+        Ok((schema, batches))
+    }
+
+    /// The block's schema and its segments: batches in memory, or the file of a spilled one.
+    fn parts(&self, id: BlockId) -> Result<(SchemaRef, Vec<Part>)> {
+        Ok({
             let mut inner = self.inner.lock().unwrap();
             inner.clock += 1;
             let now = inner.clock;
@@ -213,21 +249,13 @@ impl BlockStore {
                 .map(|s| {
                     s.last_use = now;
                     match &s.data {
-                        Data::Memory(b) | Data::Writing(b, _) => Ok(b.clone()),
-                        Data::Disk(p) => Err(p.clone()),
+                        Data::Memory(b) | Data::Writing(b, _) => Part::Memory(b.clone()),
+                        Data::Disk(p) => Part::Disk(p.clone()),
                     }
                 })
                 .collect();
             (block.schema.clone(), parts)
-        };
-        let mut out = Vec::new();
-        for part in parts {
-            match part {
-                Ok(batches) => out.extend(batches),
-                Err(path) => out.extend(read_spill(path).await?),
-            }
-        }
-        Ok((schema, out))
+        })
     }
 
     /// Whether the store holds the block.
@@ -413,6 +441,39 @@ async fn read_spill(path: PathBuf) -> Result<Vec<RecordBatch>> {
         })?
 }
 
+/// A block's batches, one at a time.
+pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;
+
+/// Batches of a spill file read on a blocking thread, handed over one at a time: the reader
+/// waits while the consumer has not taken the last batch.
+fn spill_stream(path: PathBuf) -> BatchStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    // Detached: a dropped stream ends the read at its next batch.
+    tokio::task::spawn_blocking(move || {
+        let opened = std::fs::File::open(&path)
+            .map_err(|source| Error::SpillIo {
+                action: "read",
+                path: path.clone(),
+                source,
+            })
+            .and_then(|file| Ok(FileReader::try_new(std::io::BufReader::new(file), None)?));
+        match opened {
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+            }
+            Ok(reader) => {
+                for batch in reader {
+                    // A receiver gone (the stream dropped) ends the read.
+                    if tx.blocking_send(batch.map_err(Error::from)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
 fn read_spill_sync(path: &Path) -> Result<Vec<RecordBatch>> {
     let file = std::fs::File::open(path).map_err(|source| Error::SpillIo {
         action: "read",
@@ -510,6 +571,38 @@ mod tests {
         let id = BlockId::new(2, 0, 0);
         store.create(id, batch(1).schema());
         store.append(id, vec![batch(10_000)]).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spilled_block_streams_back_a_batch_at_a_time_when_reached() {
+        use futures::TryStreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::new(0, dir.path());
+        let id = BlockId::new(3, 0, 0);
+        store.create(id, batch(1).schema());
+        store
+            .append(id, vec![batch(100), batch(200)])
+            .await
+            .unwrap();
+        store.append(id, vec![batch(300)]).await.unwrap();
+        assert_eq!(store.in_memory(), 0);
+        assert_eq!(store.stats.spilled_segments.load(Ordering::Relaxed), 2);
+
+        let (schema, stream) = store.stream(id).unwrap();
+        assert_eq!(schema, batch(1).schema());
+        let rows: Vec<usize> = stream.map_ok(|b| b.num_rows()).try_collect().await.unwrap();
+        assert_eq!(rows, [100, 200, 300]);
+
+        // Nothing is read before the stream reaches it: files removed after the stream was
+        // made fail it, naming the file.
+        let (_, stream) = store.stream(id).unwrap();
+        store.drop_stages(&[3]);
+        let err = stream.try_collect::<Vec<_>>().await.unwrap_err();
+        assert!(
+            matches!(&err, Error::SpillIo { action: "read", path, .. } if path.starts_with(dir.path())),
+            "{err}"
+        );
+        assert!(matches!(store.stream(id), Err(Error::BlockNotFound(b)) if b == id));
     }
 
     #[tokio::test]

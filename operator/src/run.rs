@@ -86,7 +86,19 @@ pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
 }
 
 /// Runs the operator until `shutdown` completes (or leadership is lost, an error).
-pub async fn run(
+///
+/// Boxed where it is defined: a caller in another crate then compiles a call through a
+/// pointer, not the whole future again (generic futures are compiled in each crate that
+/// polls them).
+pub fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: Shared<BoxFuture<'static, ()>>,
+) -> BoxFuture<'static, Result<()>> {
+    Box::pin(run_inner(client, settings, shutdown))
+}
+
+async fn run_inner(
     client: Client,
     settings: Settings,
     shutdown: Shared<BoxFuture<'static, ()>>,

@@ -21,6 +21,7 @@ pub mod scheduler;
 mod service;
 mod steps;
 
+use futures::future::BoxFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +106,15 @@ pub struct Driver {
 
 impl Driver {
     /// Starts the control service for `spec`.
-    pub async fn start(spec: &JobSpec, options: DriverOptions) -> Result<Driver> {
+    ///
+    /// Boxed where it is defined: a caller in another crate then compiles a call through a
+    /// pointer, not the whole future again (generic futures are compiled in each crate that
+    /// polls them).
+    pub fn start(spec: &JobSpec, options: DriverOptions) -> BoxFuture<'_, Result<Driver>> {
+        Box::pin(Self::start_inner(spec, options))
+    }
+
+    async fn start_inner(spec: &JobSpec, options: DriverOptions) -> Result<Driver> {
         let listener = TcpListener::bind(options.bind)
             .await
             .map_err(|source| Error::Bind {
@@ -185,7 +194,15 @@ impl Driver {
     }
 
     /// Runs the job to its end, after taking over the executors an earlier driver left.
-    pub async fn run(&self, spec: &JobSpec) -> Result<JobOutcome> {
+    ///
+    /// Boxed where it is defined: a caller in another crate then compiles a call through a
+    /// pointer, not the whole future again (generic futures are compiled in each crate that
+    /// polls them).
+    pub fn run<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, Result<JobOutcome>> {
+        Box::pin(self.run_inner(spec))
+    }
+
+    async fn run_inner(&self, spec: &JobSpec) -> Result<JobOutcome> {
         if !self.attach.is_empty() {
             let n = attach::attach_executors(&self.shared, self.address, &self.attach, &self.token)
                 .await;
@@ -211,7 +228,15 @@ impl Driver {
     }
 
     /// Tells executors the job is over, gives them `grace` to hear it, and stops serving.
-    pub async fn shutdown(self, grace: Duration) {
+    ///
+    /// Boxed where it is defined: a caller in another crate then compiles a call through a
+    /// pointer, not the whole future again (generic futures are compiled in each crate that
+    /// polls them).
+    pub fn shutdown(self, grace: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(self.shutdown_inner(grace))
+    }
+
+    async fn shutdown_inner(self, grace: Duration) {
         self.shared.act(|s| s.core.begin_shutdown());
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline

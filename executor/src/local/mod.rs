@@ -8,6 +8,7 @@
 pub mod chaos;
 mod fleet;
 
+use futures::future::BoxFuture;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -132,7 +133,15 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Starts the driver and the executors.
-    pub async fn start(spec: &JobSpec, opts: &LocalOptions) -> Result<Self> {
+    ///
+    /// Boxed where it is defined: a caller in another crate then compiles a call through a
+    /// pointer, not the whole future again (generic futures are compiled in each crate that
+    /// polls them).
+    pub fn start<'a>(spec: &'a JobSpec, opts: &'a LocalOptions) -> BoxFuture<'a, Result<Self>> {
+        Box::pin(Self::start_inner(spec, opts))
+    }
+
+    async fn start_inner(spec: &JobSpec, opts: &LocalOptions) -> Result<Self> {
         if opts.in_process && !opts.chaos.is_empty() {
             return Err(Error::Chaos {
                 spec: opts
@@ -233,7 +242,15 @@ impl LocalCluster {
 
     /// Runs the job to its end. A driver killed on the way (chaos) is replaced by one of the
     /// next epoch, which takes the live executors and what they hold over.
-    pub async fn run(&mut self, spec: &JobSpec) -> Result<JobOutcome> {
+    ///
+    /// Boxed where it is defined: a caller in another crate then compiles a call through a
+    /// pointer, not the whole future again (generic futures are compiled in each crate that
+    /// polls them).
+    pub fn run<'a>(&'a mut self, spec: &'a JobSpec) -> BoxFuture<'a, Result<JobOutcome>> {
+        Box::pin(self.run_inner(spec))
+    }
+
+    async fn run_inner(&mut self, spec: &JobSpec) -> Result<JobOutcome> {
         let started = std::time::Instant::now();
         loop {
             tokio::select! {
@@ -281,7 +298,15 @@ impl LocalCluster {
     }
 
     /// Tells executors the job is over, waits for them briefly, then stops everything.
-    pub async fn stop(self) {
+    ///
+    /// Boxed where it is defined: a caller in another crate then compiles a call through a
+    /// pointer, not the whole future again (generic futures are compiled in each crate that
+    /// polls them).
+    pub fn stop(self) -> BoxFuture<'static, ()> {
+        Box::pin(self.stop_inner())
+    }
+
+    async fn stop_inner(self) {
         let LocalCluster {
             driver,
             executors,

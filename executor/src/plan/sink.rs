@@ -8,6 +8,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -155,13 +156,14 @@ impl ExecutionPlan for SinkExec {
             None => url.prefix().clone(),
         };
         let path = dir.join(part_file_name(partition, self.format));
+        let pool = Arc::clone(context.memory_pool());
         let input = self.input.execute(partition, context)?;
         let written = MetricBuilder::new(&self.metrics).counter("output_bytes", partition);
         let format = self.format;
         let schema = self.input.schema();
         let fut = async move {
             let (rows, bytes) =
-                write_partition(input, schema, format, store, path, partition).await?;
+                write_partition(input, schema, format, store, path, partition, &pool).await?;
             written.add(bytes as usize);
             write_stats(vec![(partition as u32, rows, bytes)])
         };
@@ -176,6 +178,10 @@ impl ExecutionPlan for SinkExec {
     }
 }
 
+/// A row group is written early, when the memory pool has no room for it, only once it holds
+/// this much: smaller row groups would make the output slow to read.
+const MIN_EARLY_ROW_GROUP_BYTES: usize = 8 << 20;
+
 async fn write_partition(
     mut input: SendableRecordBatchStream,
     schema: SchemaRef,
@@ -183,6 +189,7 @@ async fn write_partition(
     store: Arc<dyn object_store::ObjectStore>,
     path: Path,
     partition: usize,
+    pool: &Arc<dyn MemoryPool>,
 ) -> DfResult<(u64, u64)> {
     // Peek at the first batch: empty partitions write no file, except partition 0 so that
     // an empty result still leaves a readable file with its schema.
@@ -200,14 +207,28 @@ async fn write_partition(
                 .set_compression(Compression::ZSTD(ZstdLevel::default()))
                 .build();
             let mut w = AsyncArrowWriter::try_new(out, schema, Some(props))?;
-            if let Some(b) = first {
+            // The row group being built is held in memory until it is full: reserved in the
+            // pool, and written out early when the pool has no room for it.
+            let buffered = MemoryConsumer::new(format!("OutputSink[partition {partition}]"))
+                .with_can_spill(true)
+                .register(pool);
+            let mut pending = first;
+            loop {
+                let b = match pending.take() {
+                    Some(b) => b,
+                    None => match input.next().await {
+                        Some(b) => b?,
+                        None => break,
+                    },
+                };
                 rows += b.num_rows() as u64;
                 w.write(&b).await?;
-            }
-            while let Some(b) = input.next().await {
-                let b = b?;
-                rows += b.num_rows() as u64;
-                w.write(&b).await?;
+                if buffered.try_resize(w.memory_size()).is_err() {
+                    if w.in_progress_size() >= MIN_EARLY_ROW_GROUP_BYTES {
+                        w.flush().await?;
+                    }
+                    buffered.resize(w.memory_size());
+                }
             }
             bytes += w.bytes_written() as u64;
             w.close().await?;
@@ -256,4 +277,71 @@ async fn write_partition(
         }
     }
     Ok((rows, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::execution::memory_pool::{FairSpillPool, UnboundedMemoryPool};
+    use object_store::local::LocalFileSystem;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// Writes 900,000 rows of hard-to-compress strings as one partition with memory pool
+    /// `pool`; the number of row groups and rows in the file.
+    async fn write_with(pool: Arc<dyn MemoryPool>) -> (usize, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("payload", DataType::Utf8, false),
+        ]));
+        let batches: Vec<DfResult<RecordBatch>> = (0..9i64)
+            .map(|b| {
+                let ids: Vec<i64> = (b * 100_000..(b + 1) * 100_000).collect();
+                let payload = StringArray::from_iter_values(ids.iter().map(|i| {
+                    let h = (*i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    format!("{h:016x}{:016x}", h.rotate_left(29) ^ 0xA5A5_5A5A)
+                }));
+                Ok(RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(Int64Array::from(ids)), Arc::new(payload)],
+                )
+                .unwrap())
+            })
+            .collect();
+        let input = Box::pin(RecordBatchStreamAdapter::new(
+            schema.clone(),
+            futures::stream::iter(batches),
+        ));
+        let store = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let (rows, _) = write_partition(
+            input,
+            schema,
+            OutputFormat::Parquet,
+            store,
+            Path::from("part-0.parquet"),
+            0,
+            &pool,
+        )
+        .await
+        .unwrap();
+        assert_eq!(pool.reserved(), 0, "the writer's reservation is given back");
+        let file = std::fs::File::open(dir.path().join("part-0.parquet")).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+        let groups = reader.metadata().num_row_groups();
+        assert_eq!(reader.metadata().file_metadata().num_rows(), rows as i64);
+        (groups, rows as i64)
+    }
+
+    /// The row group being built counts in the memory pool; when the pool has no room for it,
+    /// it is written out early (never below a floor), and no row is lost.
+    #[tokio::test]
+    async fn a_row_group_the_pool_has_no_room_for_is_written_early() {
+        let (groups, rows) = write_with(Arc::new(UnboundedMemoryPool::default())).await;
+        assert_eq!((groups, rows), (1, 900_000));
+        let (groups, rows) = write_with(Arc::new(FairSpillPool::new(4 << 20))).await;
+        assert_eq!(rows, 900_000);
+        assert!(groups >= 2, "{groups} row groups under a 4 MiB pool");
+    }
 }

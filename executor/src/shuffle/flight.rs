@@ -16,6 +16,7 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use datafusion::common::runtime::SpawnedTask;
+use datafusion::execution::memory_pool::MemoryReservation;
 use datafusion::physical_plan::metrics::Count;
 use futures::{Stream, StreamExt, TryStreamExt};
 use kiln_api::tls::{self, Role, TlsIdentity};
@@ -119,13 +120,14 @@ impl FlightService for BlockFlightService {
         let ticket = request.into_inner().ticket;
         let id = BlockId::from_ticket(&ticket)
             .ok_or_else(|| Status::invalid_argument("ticket is not a block id"))?;
-        let (schema, batches) = self.store.get(id).await.map_err(|e| match e {
+        // A spilled block is read back a batch at a time as the peer takes it.
+        let (schema, batches) = self.store.stream(id).map_err(|e| match e {
             Error::BlockNotFound(_) => Status::not_found(e.to_string()),
             other => Status::internal(other.to_string()),
         })?;
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(schema)
-            .build(futures::stream::iter(batches.into_iter().map(Ok)))
+            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))))
             .map_err(|e| Status::internal(e.to_string()));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -256,7 +258,7 @@ impl PeerClients {
         id: BlockId,
         received: Count,
     ) -> Result<Vec<RecordBatch>> {
-        Ok(self.fetch_block(address, id, received).await?.1)
+        Ok(self.transfer(address, id, received, None).await?.batches)
     }
 
     /// Like [`PeerClients::fetch`], with the block's schema (known even for an empty block):
@@ -267,6 +269,34 @@ impl PeerClients {
         id: BlockId,
         received: Count,
     ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let t = self.transfer(address, id, received, None).await?;
+        Ok((t.schema, t.batches))
+    }
+
+    /// Like [`PeerClients::fetch`], counting each batch in `held` as it arrives: the batches
+    /// and their reservation, and whether the memory pool refused room for them (they were
+    /// counted all the same).
+    pub async fn fetch_held(
+        &self,
+        address: &str,
+        id: BlockId,
+        received: Count,
+        held: MemoryReservation,
+    ) -> Result<(Vec<RecordBatch>, MemoryReservation, bool)> {
+        let t = self.transfer(address, id, received, Some(held)).await?;
+        let held = t
+            .held
+            .expect("a transfer returns the reservation it was given");
+        Ok((t.batches, held, t.refused))
+    }
+
+    async fn transfer(
+        &self,
+        address: &str,
+        id: BlockId,
+        received: Count,
+        held: Option<MemoryReservation>,
+    ) -> Result<Transfer> {
         let channel = self.channel(address)?;
         let transfer = SpawnedTask::spawn(async move {
             let mut client =
@@ -282,7 +312,15 @@ impl PeerClients {
             });
             let mut stream = FlightRecordBatchStream::new_from_flight_data(data);
             let mut batches = Vec::new();
+            let mut refused = false;
             while let Some(batch) = stream.try_next().await.map_err(Error::Flight)? {
+                if let Some(held) = &held {
+                    let bytes = batch.get_array_memory_size();
+                    if held.try_grow(bytes).is_err() {
+                        held.grow(bytes);
+                        refused = true;
+                    }
+                }
                 batches.push(batch);
             }
             let schema = match stream.schema() {
@@ -291,11 +329,24 @@ impl PeerClients {
                     Error::Flight(FlightError::protocol("a block without a schema"))
                 })?,
             };
-            Ok((schema, batches))
+            Ok(Transfer {
+                schema,
+                batches,
+                held,
+                refused,
+            })
         });
         transfer
             .join_unwind()
             .await
             .map_err(|e| Error::Cancelled(e.to_string()))?
     }
+}
+
+/// A block received whole, with the reservation its batches were counted in.
+struct Transfer {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    held: Option<MemoryReservation>,
+    refused: bool,
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 use arrow::array::{Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryPool, UnboundedMemoryPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::TryStreamExt;
@@ -30,13 +32,29 @@ async fn serve(store: Arc<BlockStore>) -> String {
 /// The session of executor `reader` with block store `store`, and the location of the
 /// blocks its peer serves at `address`.
 fn reader_session(store: Arc<BlockStore>, address: String) -> (SessionContext, Location) {
+    reader_session_with_pool(store, address, Arc::new(UnboundedMemoryPool::default()))
+}
+
+/// As [`reader_session`], with the tasks' memory pool.
+fn reader_session_with_pool(
+    store: Arc<BlockStore>,
+    address: String,
+    pool: Arc<dyn MemoryPool>,
+) -> (SessionContext, Location) {
     let env = ShuffleEnv {
         executor_id: "reader".into(),
         store,
         peers: PeerClients::default(),
         replicas: Default::default(),
     };
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_extension(Arc::new(env)));
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(pool)
+        .build_arc()
+        .unwrap();
+    let ctx = SessionContext::new_with_config_rt(
+        SessionConfig::new().with_extension(Arc::new(env)),
+        runtime,
+    );
     let location = Location {
         executor: "peer".into(),
         address,
@@ -82,6 +100,66 @@ async fn large_blocks_from_one_peer_read_one_after_another_do_not_stall() {
     .expect("the reader stalled: a block never finished arriving")
     .unwrap();
     assert_eq!(read, maps as usize * rows_per_block as usize);
+}
+
+/// Batches received from a peer count in the reading task's memory pool from their arrival
+/// until the consumer takes them, and are all given back once read; a pool too small for one
+/// block slows the reader to a block at a time but loses nothing. The peer's blocks are all
+/// on its disk: it serves them back a batch at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_blocks_count_in_the_memory_pool_until_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = Arc::new(BlockStore::new(0, dir.path().join("remote")));
+    let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+    let maps = 6u32;
+    let half = 100_000i64;
+    for m in 0..maps {
+        let id = BlockId::new(7, m, 0);
+        remote.create(id, schema.clone());
+        let halves = (0..2)
+            .map(|h| {
+                let values: Int64Array = (0..half).map(|v| v + h * half).collect();
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(values)]).unwrap()
+            })
+            .collect();
+        remote.append(id, halves).await.unwrap();
+    }
+    assert_eq!(remote.in_memory(), 0, "the peer's blocks are spilled");
+    let address = serve(remote).await;
+
+    for pool_bytes in [64 << 20, 256 << 10] {
+        let pool: Arc<dyn MemoryPool> = Arc::new(FairSpillPool::new(pool_bytes));
+        let local = Arc::new(BlockStore::new(u64::MAX, dir.path().join("local")));
+        let (ctx, location) = reader_session_with_pool(local, address.clone(), pool.clone());
+        let reader = ShuffleReaderExec::new(7, schema.clone(), ReadMode::Hash, 1, None)
+            .resolved(vec![location; maps as usize]);
+        let mut stream = reader.execute(0, ctx.task_ctx()).unwrap();
+        let (mut rows, mut sum, mut most_held) = (0usize, 0i64, 0usize);
+        while let Some(batch) = stream.try_next().await.unwrap() {
+            // Half of the block is still held when its first half is taken.
+            most_held = most_held.max(pool.reserved());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            rows += batch.num_rows();
+            let v = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            sum += v.values().iter().sum::<i64>();
+        }
+        assert_eq!(rows, maps as usize * 2 * half as usize, "pool {pool_bytes}");
+        assert_eq!(sum, i64::from(maps) * (2 * half) * (2 * half - 1) / 2);
+        assert!(
+            most_held >= half as usize * 8,
+            "pool {pool_bytes}: held {most_held}"
+        );
+        drop(stream);
+        assert_eq!(
+            pool.reserved(),
+            0,
+            "pool {pool_bytes}: every reservation given back"
+        );
+    }
 }
 
 /// Tasks of one executor that read a broadcast build side whole fetch each remote block

@@ -1,11 +1,13 @@
 //! The reduce side of a shuffle, and the scan of cached datasets: fetches the blocks a
 //! partition needs from the executors holding them (its own store without a network hop).
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -16,14 +18,15 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesOrdered};
+use futures::{FutureExt, StreamExt};
 
 use super::ShuffleEnv;
 use crate::Error;
 use crate::blocks::BlockId;
 
-/// Blocks fetched at once by one reader partition.
+/// Blocks fetched at once by one reader partition while its memory pool has room.
 const FETCH_CONCURRENCY: usize = 4;
 
 /// Which blocks a reader partition reads.
@@ -193,14 +196,22 @@ impl ExecutionPlan for ShuffleReaderExec {
             remote: MetricBuilder::new(&self.metrics).counter("remote_bytes_fetched", partition),
             local: MetricBuilder::new(&self.metrics).counter("local_bytes_fetched", partition),
         };
-        let broadcast = self.mode == ReadMode::Broadcast;
-        let stream = futures::stream::iter(blocks)
-            .map(move |(id, loc)| fetch(env.clone(), id, loc, counters.clone(), broadcast))
-            .buffered(FETCH_CONCURRENCY)
-            .try_flatten();
+        let fetching = Fetching {
+            env,
+            counters,
+            broadcast: self.mode == ReadMode::Broadcast,
+            pending: blocks.into(),
+            in_flight: FuturesOrdered::new(),
+            limit: FETCH_CONCURRENCY,
+            held: MemoryConsumer::new(format!(
+                "ShuffleReader[stage {}, partition {partition}]",
+                self.stage
+            ))
+            .register(context.memory_pool()),
+        };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
-            stream,
+            fetching.into_stream(),
         )))
     }
 
@@ -226,32 +237,118 @@ fn fetch_failed(id: BlockId, loc: &Location, message: String) -> DataFusionError
     .into_datafusion()
 }
 
+/// A fetched block: batches shared with the block store (a local block, or a broadcast
+/// replica), which counts them, or batches received from a peer, which the reader holds.
+enum Fetched {
+    Shared(BoxStream<'static, DfResult<RecordBatch>>),
+    /// The batches, their reservation, and whether the pool refused room for them.
+    Received(Vec<RecordBatch>, MemoryReservation, bool),
+}
+
+/// The blocks of one reader partition, fetched a few ahead of the consumer. Batches received
+/// from peers are reserved in the task's memory pool from their arrival until the consumer
+/// takes them, so the operators above spill sooner instead of the executor passing its
+/// memory limit; when the pool refuses, the reader stops fetching ahead (one block at a
+/// time) until it has room again.
+struct Fetching {
+    env: Arc<ShuffleEnv>,
+    counters: FetchCounters,
+    broadcast: bool,
+    pending: VecDeque<(BlockId, Location)>,
+    in_flight: FuturesOrdered<BoxFuture<'static, DfResult<Fetched>>>,
+    /// Blocks fetched at once: `FETCH_CONCURRENCY`, or 1 while the pool refuses.
+    limit: usize,
+    /// The reader's consumer in the memory pool: each transfer counts in a reservation of it.
+    held: MemoryReservation,
+}
+
+impl Fetching {
+    fn into_stream(self) -> BoxStream<'static, DfResult<RecordBatch>> {
+        futures::stream::unfold(self, |mut st| async move {
+            while st.in_flight.len() < st.limit {
+                let Some((id, loc)) = st.pending.pop_front() else {
+                    break;
+                };
+                let fetch = fetch(
+                    Arc::clone(&st.env),
+                    id,
+                    loc,
+                    st.counters.clone(),
+                    st.broadcast,
+                    st.held.new_empty(),
+                );
+                st.in_flight.push_back(fetch.boxed());
+            }
+            let block = match st.in_flight.next().await? {
+                Ok(Fetched::Shared(batches)) => batches,
+                Ok(Fetched::Received(batches, held, refused)) => {
+                    st.limit = if refused { 1 } else { FETCH_CONCURRENCY };
+                    hold(batches, held)
+                }
+                Err(e) => {
+                    // The task fails; nothing more is fetched for it.
+                    st.pending.clear();
+                    st.in_flight = FuturesOrdered::new();
+                    futures::stream::once(async { Err(e) }).boxed()
+                }
+            };
+            Some((block, st))
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
+/// `batches` as a stream that gives their reservation back as they are taken.
+fn hold(
+    batches: Vec<RecordBatch>,
+    held: MemoryReservation,
+) -> BoxStream<'static, DfResult<RecordBatch>> {
+    futures::stream::unfold(
+        (batches.into_iter(), held),
+        |(mut batches, held)| async move {
+            let batch = batches.next()?;
+            held.shrink(batch.get_array_memory_size().min(held.size()));
+            Some((Ok(batch), (batches, held)))
+        },
+    )
+    .boxed()
+}
+
 async fn fetch(
     env: Arc<ShuffleEnv>,
     id: BlockId,
     loc: Location,
     counters: FetchCounters,
     broadcast: bool,
-) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>> {
+    held: MemoryReservation,
+) -> DfResult<Fetched> {
     if loc.executor == env.executor_id {
+        // Read a batch at a time: a spilled block comes back from disk as it is consumed.
         let (_, batches) = env
             .store
-            .get(id)
-            .await
+            .stream(id)
             .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
-        let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
-        counters.local.add(bytes);
-        return Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed());
+        let local = counters.local;
+        let batches = batches.map(move |b| {
+            let b = b.map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
+            local.add(b.get_array_memory_size());
+            Ok(b)
+        });
+        return Ok(Fetched::Shared(batches.boxed()));
     }
-    let batches = if broadcast {
-        fetch_replica(&env, id, &loc, &counters).await?
-    } else {
-        env.peers
-            .fetch(&loc.address, id, counters.remote)
-            .await
-            .map_err(|e| fetch_failed(id, &loc, e.to_string()))?
-    };
-    Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed())
+    if broadcast {
+        let batches = fetch_replica(&env, id, &loc, &counters).await?;
+        return Ok(Fetched::Shared(
+            futures::stream::iter(batches.into_iter().map(Ok)).boxed(),
+        ));
+    }
+    let (batches, held, refused) = env
+        .peers
+        .fetch_held(&loc.address, id, counters.remote, held)
+        .await
+        .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
+    Ok(Fetched::Received(batches, held, refused))
 }
 
 /// A remote block every task reads whole: from this executor's replica when an earlier task

@@ -26,6 +26,7 @@ mod faults;
 mod migrate;
 mod tasks;
 
+use futures::future::BoxFuture;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -181,7 +182,15 @@ struct Setup {
 }
 
 /// Runs an executor until a driver says the job is over.
-pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
+///
+/// Boxed where it is defined: a caller in another crate then compiles a call through a
+/// pointer, not the whole future again (generic futures are compiled in each crate that
+/// polls them).
+pub fn run_executor(opts: ExecutorOptions) -> BoxFuture<'static, Result<()>> {
+    Box::pin(run_executor_inner(opts))
+}
+
+async fn run_executor_inner(opts: ExecutorOptions) -> Result<()> {
     let bind_err = |source| Error::Bind {
         address: format!("{}:{}", opts.bind_host, opts.port),
         source,
