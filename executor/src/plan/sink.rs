@@ -223,11 +223,14 @@ async fn write_partition(
                 };
                 rows += b.num_rows() as u64;
                 w.write(&b).await?;
-                if buffered.try_resize(w.memory_size()).is_err() {
-                    if w.in_progress_size() >= MIN_EARLY_ROW_GROUP_BYTES {
-                        w.flush().await?;
-                    }
-                    buffered.resize(w.memory_size());
+                // Never forced in past the pool: that would leave the operators below no
+                // memory even after they spilled. A refused row group stays counted at its
+                // last size until it is written.
+                if buffered.try_resize(w.memory_size()).is_err()
+                    && w.in_progress_size() >= MIN_EARLY_ROW_GROUP_BYTES
+                {
+                    w.flush().await?;
+                    buffered.shrink(buffered.size().saturating_sub(w.memory_size()));
                 }
             }
             bytes += w.bytes_written() as u64;

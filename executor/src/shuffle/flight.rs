@@ -273,9 +273,9 @@ impl PeerClients {
         Ok((t.schema, t.batches))
     }
 
-    /// Like [`PeerClients::fetch`], counting each batch in `held` as it arrives: the batches
-    /// and their reservation, and whether the memory pool refused room for them (they were
-    /// counted all the same).
+    /// Like [`PeerClients::fetch`], counting each batch in `held` as it arrives while the
+    /// memory pool has room: the batches, their reservation, and whether the pool refused
+    /// room for some of them.
     pub async fn fetch_held(
         &self,
         address: &str,
@@ -314,12 +314,12 @@ impl PeerClients {
             let mut batches = Vec::new();
             let mut refused = false;
             while let Some(batch) = stream.try_next().await.map_err(Error::Flight)? {
-                if let Some(held) = &held {
-                    let bytes = batch.get_array_memory_size();
-                    if held.try_grow(bytes).is_err() {
-                        held.grow(bytes);
-                        refused = true;
-                    }
+                // What the pool has no room for is held uncounted: forcing it in would leave
+                // the task's operators no memory even after they spilled.
+                if let Some(held) = &held
+                    && held.try_grow(batch.get_array_memory_size()).is_err()
+                {
+                    refused = true;
                 }
                 batches.push(batch);
             }

@@ -104,8 +104,8 @@ async fn large_blocks_from_one_peer_read_one_after_another_do_not_stall() {
 
 /// Batches received from a peer count in the reading task's memory pool from their arrival
 /// until the consumer takes them, and are all given back once read; a pool too small for one
-/// block slows the reader to a block at a time but loses nothing. The peer's blocks are all
-/// on its disk: it serves them back a batch at a time.
+/// block is never passed, and slows the reader to a block at a time but loses nothing. The
+/// peer's blocks are all on its disk: it serves them back a batch at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn received_blocks_count_in_the_memory_pool_until_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,9 +150,15 @@ async fn received_blocks_count_in_the_memory_pool_until_read() {
         assert_eq!(rows, maps as usize * 2 * half as usize, "pool {pool_bytes}");
         assert_eq!(sum, i64::from(maps) * (2 * half) * (2 * half - 1) / 2);
         assert!(
-            most_held >= half as usize * 8,
+            most_held <= pool_bytes,
             "pool {pool_bytes}: held {most_held}"
         );
+        if pool_bytes > 2 << 20 {
+            assert!(
+                most_held >= half as usize * 8,
+                "pool {pool_bytes}: held {most_held}"
+            );
+        }
         drop(stream);
         assert_eq!(
             pool.reserved(),

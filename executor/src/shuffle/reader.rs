@@ -207,6 +207,7 @@ impl ExecutionPlan for ShuffleReaderExec {
                 "ShuffleReader[stage {}, partition {partition}]",
                 self.stage
             ))
+            .with_can_spill(true)
             .register(context.memory_pool()),
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -248,8 +249,9 @@ enum Fetched {
 /// The blocks of one reader partition, fetched a few ahead of the consumer. Batches received
 /// from peers are reserved in the task's memory pool from their arrival until the consumer
 /// takes them, so the operators above spill sooner instead of the executor passing its
-/// memory limit; when the pool refuses, the reader stops fetching ahead (one block at a
-/// time) until it has room again.
+/// memory limit. The reader is one of the pool's spilling consumers, held to a fair share
+/// like the task's aggregations and sorts: past it, the reader stops fetching ahead (one
+/// block at a time) until it has room again.
 struct Fetching {
     env: Arc<ShuffleEnv>,
     counters: FetchCounters,
