@@ -475,7 +475,7 @@ mod tests {
             "the name rule sits at the schema's root"
         );
         let v = &crd["spec"]["versions"][0];
-        assert_eq!(crd["spec"]["names"]["shortNames"][0], "cj");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "kjob");
         assert_eq!(crd["spec"]["scope"], "Namespaced");
         assert!(v["subresources"]["status"].is_object());
         let columns: Vec<&str> = v["additionalPrinterColumns"]

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
     version = "v1alpha1",
     kind = "ComputeJob",
     namespaced,
-    shortname = "cj",
+    shortname = "kjob",
     status = "crate::crd::ComputeJobStatus",
     derive = "PartialEq",
     doc = "A batch of SQL steps over named inputs, run by one driver pod on on-demand nodes and executor pods (by default on spot nodes)",

@@ -471,6 +471,12 @@ def test_notes_render():
         text = notes()
         assert "reconciles ComputeJobs in all namespaces" in text, text
         assert "get lease kiln-operator" in text and "placement.spotNodeLabels" in text, text
+        # The example the notes tell users to apply is one the project ships.
+        examples = re.findall(r"/main/(manifests/[\w./-]+\.yaml)", text)
+        assert examples, text
+        for path in examples:
+            assert os.path.isfile(os.path.join(REPO, path)), f"NOTES.txt names a missing {path}"
+        assert "short name: kjob" in text, text
         text = notes("watchNamespaces={a,b}", "operator.replicas=1", "operator.leaderElection.enabled=false")
         assert "namespaces a, b" in text and "lease" not in text and "(1 replica)" in text, text
 

@@ -322,8 +322,8 @@ async fn wordcount_and_tpch_succeed_with_the_local_output_on_the_right_nodes() -
     check_placement(&client, &wc_pods).await?;
     check_placement(&client, &q3_pods).await?;
     ensure!(q3_pods.keys().filter(|p| p.contains("-exec-")).count() == 2);
-    // (`kubectl get cj` would list CronJobs: the built-in short name wins.)
-    let table = kubectl(&["get", "computejobs", "-n", &ns.name]).await?;
+    // By the short name, which no built-in resource uses.
+    let table = kubectl(&["get", "kjob", "-n", &ns.name]).await?;
     ensure!(
         table.contains("PHASE") && table.contains("Succeeded"),
         "{table}"
