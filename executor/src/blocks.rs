@@ -2,7 +2,7 @@
 //! record batches within a byte budget; the least recently used segments move to local disk
 //! (Arrow IPC files) when the budget is exceeded.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -10,8 +10,8 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::{Error, Result};
 
@@ -210,15 +210,8 @@ impl BlockStore {
 
     /// The block's schema and batches, reading spilled segments back from disk.
     pub async fn get(&self, id: BlockId) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-        let (schema, parts) = self.parts(id)?;
-        let mut out = Vec::new();
-        for part in parts {
-            match part {
-                Part::Memory(batches) => out.extend(batches),
-                Part::Disk(path) => out.extend(read_spill(path).await?),
-            }
-        }
-        Ok((schema, out))
+        let (schema, batches) = self.stream(id)?;
+        Ok((schema, batches.try_collect().await?))
     }
 
     /// The block's schema and its batches as a stream: segments in memory are shared as they
@@ -431,16 +424,6 @@ async fn write_spill(schema: SchemaRef, batches: Vec<RecordBatch>, path: PathBuf
     })?
 }
 
-async fn read_spill(path: PathBuf) -> Result<Vec<RecordBatch>> {
-    tokio::task::spawn_blocking(move || read_spill_sync(&path))
-        .await
-        .map_err(|e| Error::SpillIo {
-            action: "read",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e),
-        })?
-}
-
 /// A block's batches, one at a time.
 pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;
 
@@ -459,6 +442,7 @@ fn spill_stream(path: PathBuf) -> BatchStream {
             .and_then(|file| Ok(FileReader::try_new(std::io::BufReader::new(file), None)?));
         match opened {
             Err(e) => {
+                // Nobody to tell when the stream was dropped meanwhile.
                 let _ = tx.blocking_send(Err(e));
             }
             Ok(reader) => {
@@ -472,16 +456,6 @@ fn spill_stream(path: PathBuf) -> BatchStream {
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
-}
-
-fn read_spill_sync(path: &Path) -> Result<Vec<RecordBatch>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::SpillIo {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
-    Ok(reader.collect::<Result<Vec<_>, _>>()?)
 }
 
 #[cfg(test)]

@@ -87,9 +87,7 @@ pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
 
 /// Runs the operator until `shutdown` completes (or leadership is lost, an error).
 ///
-/// Boxed where it is defined: a caller in another crate then compiles a call through a
-/// pointer, not the whole future again (generic futures are compiled in each crate that
-/// polls them).
+/// Boxed here, so callers in other crates do not compile the whole future again.
 pub fn run(
     client: Client,
     settings: Settings,

@@ -107,9 +107,7 @@ pub struct Driver {
 impl Driver {
     /// Starts the control service for `spec`.
     ///
-    /// Boxed where it is defined: a caller in another crate then compiles a call through a
-    /// pointer, not the whole future again (generic futures are compiled in each crate that
-    /// polls them).
+    /// Boxed here, so callers in other crates do not compile the whole future again.
     pub fn start(spec: &JobSpec, options: DriverOptions) -> BoxFuture<'_, Result<Driver>> {
         Box::pin(Self::start_inner(spec, options))
     }
@@ -195,9 +193,7 @@ impl Driver {
 
     /// Runs the job to its end, after taking over the executors an earlier driver left.
     ///
-    /// Boxed where it is defined: a caller in another crate then compiles a call through a
-    /// pointer, not the whole future again (generic futures are compiled in each crate that
-    /// polls them).
+    /// Boxed here, so callers in other crates do not compile the whole future again.
     pub fn run<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, Result<JobOutcome>> {
         Box::pin(self.run_inner(spec))
     }
@@ -229,9 +225,7 @@ impl Driver {
 
     /// Tells executors the job is over, gives them `grace` to hear it, and stops serving.
     ///
-    /// Boxed where it is defined: a caller in another crate then compiles a call through a
-    /// pointer, not the whole future again (generic futures are compiled in each crate that
-    /// polls them).
+    /// Boxed here, so callers in other crates do not compile the whole future again.
     pub fn shutdown(self, grace: Duration) -> BoxFuture<'static, ()> {
         Box::pin(self.shutdown_inner(grace))
     }

@@ -134,9 +134,7 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts the driver and the executors.
     ///
-    /// Boxed where it is defined: a caller in another crate then compiles a call through a
-    /// pointer, not the whole future again (generic futures are compiled in each crate that
-    /// polls them).
+    /// Boxed here, so callers in other crates do not compile the whole future again.
     pub fn start<'a>(spec: &'a JobSpec, opts: &'a LocalOptions) -> BoxFuture<'a, Result<Self>> {
         Box::pin(Self::start_inner(spec, opts))
     }
@@ -243,9 +241,7 @@ impl LocalCluster {
     /// Runs the job to its end. A driver killed on the way (chaos) is replaced by one of the
     /// next epoch, which takes the live executors and what they hold over.
     ///
-    /// Boxed where it is defined: a caller in another crate then compiles a call through a
-    /// pointer, not the whole future again (generic futures are compiled in each crate that
-    /// polls them).
+    /// Boxed here, so callers in other crates do not compile the whole future again.
     pub fn run<'a>(&'a mut self, spec: &'a JobSpec) -> BoxFuture<'a, Result<JobOutcome>> {
         Box::pin(self.run_inner(spec))
     }
@@ -299,9 +295,7 @@ impl LocalCluster {
 
     /// Tells executors the job is over, waits for them briefly, then stops everything.
     ///
-    /// Boxed where it is defined: a caller in another crate then compiles a call through a
-    /// pointer, not the whole future again (generic futures are compiled in each crate that
-    /// polls them).
+    /// Boxed here, so callers in other crates do not compile the whole future again.
     pub fn stop(self) -> BoxFuture<'static, ()> {
         Box::pin(self.stop_inner())
     }

@@ -198,6 +198,7 @@ async fn write_partition(
         None if partition == 0 => None,
         None => return Ok((0, 0)),
     };
+    let mut input = futures::stream::iter(first.map(Ok)).chain(input);
     let out = BufWriter::new(store.clone(), path.clone());
     let mut rows = 0u64;
     let mut bytes = 0u64;
@@ -212,15 +213,8 @@ async fn write_partition(
             let buffered = MemoryConsumer::new(format!("OutputSink[partition {partition}]"))
                 .with_can_spill(true)
                 .register(pool);
-            let mut pending = first;
-            loop {
-                let b = match pending.take() {
-                    Some(b) => b,
-                    None => match input.next().await {
-                        Some(b) => b?,
-                        None => break,
-                    },
-                };
+            while let Some(b) = input.next().await {
+                let b = b?;
                 rows += b.num_rows() as u64;
                 w.write(&b).await?;
                 // Never forced in past the pool: that would leave the operators below no
@@ -239,15 +233,8 @@ async fn write_partition(
         OutputFormat::Csv | OutputFormat::Json => {
             let mut out = out;
             let mut header = true;
-            let mut pending = first;
-            loop {
-                let batch = match pending.take() {
-                    Some(b) => b,
-                    None => match input.next().await {
-                        Some(b) => b?,
-                        None => break,
-                    },
-                };
+            while let Some(batch) = input.next().await {
+                let batch = batch?;
                 let mut buf = Vec::new();
                 if format == OutputFormat::Csv {
                     let mut w = arrow::csv::WriterBuilder::new()

@@ -258,7 +258,7 @@ impl PeerClients {
         id: BlockId,
         received: Count,
     ) -> Result<Vec<RecordBatch>> {
-        Ok(self.transfer(address, id, received, None).await?.batches)
+        Ok(self.transfer(address, id, received, None).await?.1)
     }
 
     /// Like [`PeerClients::fetch`], with the block's schema (known even for an empty block):
@@ -269,25 +269,20 @@ impl PeerClients {
         id: BlockId,
         received: Count,
     ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-        let t = self.transfer(address, id, received, None).await?;
-        Ok((t.schema, t.batches))
+        self.transfer(address, id, received, None).await
     }
 
     /// Like [`PeerClients::fetch`], counting each batch in `held` as it arrives while the
-    /// memory pool has room: the batches, their reservation, and whether the pool refused
-    /// room for some of them.
+    /// memory pool has room (what it has no room for is held uncounted: forcing it in would
+    /// leave the task's operators no memory even after they spilled).
     pub async fn fetch_held(
         &self,
         address: &str,
         id: BlockId,
         received: Count,
-        held: MemoryReservation,
-    ) -> Result<(Vec<RecordBatch>, MemoryReservation, bool)> {
-        let t = self.transfer(address, id, received, Some(held)).await?;
-        let held = t
-            .held
-            .expect("a transfer returns the reservation it was given");
-        Ok((t.batches, held, t.refused))
+        held: Arc<MemoryReservation>,
+    ) -> Result<Vec<RecordBatch>> {
+        Ok(self.transfer(address, id, received, Some(held)).await?.1)
     }
 
     async fn transfer(
@@ -295,8 +290,8 @@ impl PeerClients {
         address: &str,
         id: BlockId,
         received: Count,
-        held: Option<MemoryReservation>,
-    ) -> Result<Transfer> {
+        held: Option<Arc<MemoryReservation>>,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let channel = self.channel(address)?;
         let transfer = SpawnedTask::spawn(async move {
             let mut client =
@@ -312,14 +307,11 @@ impl PeerClients {
             });
             let mut stream = FlightRecordBatchStream::new_from_flight_data(data);
             let mut batches = Vec::new();
-            let mut refused = false;
             while let Some(batch) = stream.try_next().await.map_err(Error::Flight)? {
-                // What the pool has no room for is held uncounted: forcing it in would leave
-                // the task's operators no memory even after they spilled.
-                if let Some(held) = &held
-                    && held.try_grow(batch.get_array_memory_size()).is_err()
-                {
-                    refused = true;
+                if let Some(held) = &held {
+                    // A refusal is an answer, not an error: the batch is held uncounted, and
+                    // the reader, seeing less counted than it received, stops fetching ahead.
+                    held.try_grow(batch.get_array_memory_size()).ok();
                 }
                 batches.push(batch);
             }
@@ -329,24 +321,11 @@ impl PeerClients {
                     Error::Flight(FlightError::protocol("a block without a schema"))
                 })?,
             };
-            Ok(Transfer {
-                schema,
-                batches,
-                held,
-                refused,
-            })
+            Ok((schema, batches))
         });
         transfer
             .join_unwind()
             .await
             .map_err(|e| Error::Cancelled(e.to_string()))?
     }
-}
-
-/// A block received whole, with the reservation its batches were counted in.
-struct Transfer {
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-    held: Option<MemoryReservation>,
-    refused: bool,
 }

@@ -242,8 +242,8 @@ fn fetch_failed(id: BlockId, loc: &Location, message: String) -> DataFusionError
 /// replica), which counts them, or batches received from a peer, which the reader holds.
 enum Fetched {
     Shared(BoxStream<'static, DfResult<RecordBatch>>),
-    /// The batches, their reservation, and whether the pool refused room for them.
-    Received(Vec<RecordBatch>, MemoryReservation, bool),
+    /// The batches, and the reservation they were counted in while the pool had room.
+    Received(Vec<RecordBatch>, Arc<MemoryReservation>),
 }
 
 /// The blocks of one reader partition, fetched a few ahead of the consumer. Batches received
@@ -277,13 +277,15 @@ impl Fetching {
                     loc,
                     st.counters.clone(),
                     st.broadcast,
-                    st.held.new_empty(),
+                    Arc::new(st.held.new_empty()),
                 );
                 st.in_flight.push_back(fetch.boxed());
             }
             let block = match st.in_flight.next().await? {
                 Ok(Fetched::Shared(batches)) => batches,
-                Ok(Fetched::Received(batches, held, refused)) => {
+                Ok(Fetched::Received(batches, held)) => {
+                    let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+                    let refused = held.size() < bytes;
                     st.limit = if refused { 1 } else { FETCH_CONCURRENCY };
                     hold(batches, held)
                 }
@@ -304,7 +306,7 @@ impl Fetching {
 /// `batches` as a stream that gives their reservation back as they are taken.
 fn hold(
     batches: Vec<RecordBatch>,
-    held: MemoryReservation,
+    held: Arc<MemoryReservation>,
 ) -> BoxStream<'static, DfResult<RecordBatch>> {
     futures::stream::unfold(
         (batches.into_iter(), held),
@@ -323,7 +325,7 @@ async fn fetch(
     loc: Location,
     counters: FetchCounters,
     broadcast: bool,
-    held: MemoryReservation,
+    held: Arc<MemoryReservation>,
 ) -> DfResult<Fetched> {
     if loc.executor == env.executor_id {
         // Read a batch at a time: a spilled block comes back from disk as it is consumed.
@@ -345,12 +347,12 @@ async fn fetch(
             futures::stream::iter(batches.into_iter().map(Ok)).boxed(),
         ));
     }
-    let (batches, held, refused) = env
+    let batches = env
         .peers
-        .fetch_held(&loc.address, id, counters.remote, held)
+        .fetch_held(&loc.address, id, counters.remote, Arc::clone(&held))
         .await
         .map_err(|e| fetch_failed(id, &loc, e.to_string()))?;
-    Ok(Fetched::Received(batches, held, refused))
+    Ok(Fetched::Received(batches, held))
 }
 
 /// A remote block every task reads whole: from this executor's replica when an earlier task

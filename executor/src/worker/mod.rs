@@ -183,9 +183,7 @@ struct Setup {
 
 /// Runs an executor until a driver says the job is over.
 ///
-/// Boxed where it is defined: a caller in another crate then compiles a call through a
-/// pointer, not the whole future again (generic futures are compiled in each crate that
-/// polls them).
+/// Boxed here, so callers in other crates do not compile the whole future again.
 pub fn run_executor(opts: ExecutorOptions) -> BoxFuture<'static, Result<()>> {
     Box::pin(run_executor_inner(opts))
 }

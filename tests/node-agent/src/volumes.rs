@@ -342,7 +342,7 @@ mod tests {
             name: "c".into(),
             volume_mounts: Some(vec![VolumeMount {
                 name: "scratch".into(),
-                mount_path: "/scratch/work/spill".into(),
+                mount_path: "/spill".into(),
                 sub_path: Some("work/spill".into()),
                 ..Default::default()
             }]),
