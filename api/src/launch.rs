@@ -72,6 +72,10 @@ pub struct DriverLaunch {
     /// of this job left behind: this driver takes them over, with the blocks they hold.
     #[arg(long, value_delimiter = ',')]
     pub attach: Vec<String>,
+    /// Let the job's HTTP inputs connect to the loopback network (`kiln run`: the machine
+    /// is the user's own); on a cluster, loopback is the pod itself and is refused.
+    #[arg(long)]
+    pub allow_loopback: bool,
 }
 
 /// How `kiln executor` is started.
@@ -107,6 +111,10 @@ pub struct ExecutorLaunch {
     /// Faults to inject for tests, e.g. `drop-report=2,lose-report=1`.
     #[arg(long, env = ENV_FAULTS, default_value = "", hide = true)]
     pub faults: String,
+    /// Let the job's HTTP inputs and output connect to the loopback network (as
+    /// [`DriverLaunch::allow_loopback`]).
+    #[arg(long)]
+    pub allow_loopback: bool,
 }
 
 /// `--name=value`: one argument, so a value that starts with `-` (or is empty) stays a value.
@@ -160,6 +168,9 @@ impl DriverLaunch {
         if !self.attach.is_empty() {
             args.push(flag("attach", self.attach.join(",")));
         }
+        if self.allow_loopback {
+            args.push("--allow-loopback".into());
+        }
         args
     }
 
@@ -211,6 +222,9 @@ impl ExecutorLaunch {
         args.push(flag("work-dir", self.work_dir.display()));
         if !self.faults.is_empty() {
             args.push(flag("faults", &self.faults));
+        }
+        if self.allow_loopback {
+            args.push("--allow-loopback".into());
         }
         args
     }
@@ -305,6 +319,7 @@ mod tests {
             job_uid: None,
             epoch: 1,
             attach: Vec::new(),
+            allow_loopback: false,
         }
     }
 
@@ -320,6 +335,7 @@ mod tests {
             work_dir: DEFAULT_WORK_DIR.into(),
             token: String::new(),
             faults: String::new(),
+            allow_loopback: false,
         }
     }
 
@@ -334,6 +350,7 @@ mod tests {
             job_uid: Some("6f1c-uid".into()),
             epoch: 3,
             attach: vec!["10.244.1.7:7078".into(), "10.244.2.9:7078".into()],
+            allow_loopback: true,
             ..driver()
         };
         for l in [driver(), all] {
@@ -356,6 +373,7 @@ mod tests {
             work_dir: "/var/lib/kiln/exec-0".into(),
             faults: "drop-report=2,lose-report=1".into(),
             id: "-dash".into(),
+            allow_loopback: true,
             ..executor()
         };
         for l in [executor(), all] {

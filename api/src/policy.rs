@@ -3,12 +3,17 @@
 //! `/proc/self/environ`) nor the cloud's metadata service (which hands out the node's
 //! credentials): those are refused before anything runs, naming the field and the rule.
 //!
-//! The check here is lexical, on the URI as written; the driver checks local paths again
-//! once resolved (relative paths, `..` and symbolic links followed), with [`check_path`].
+//! The check here is on the URI as a URL parser reads it (so `http://2852039166/` is
+//! 169.254.169.254, as the HTTP client would read it too); the driver checks local paths
+//! again once resolved (relative paths, `..` and symbolic links followed), with
+//! [`check_path`], and the engine's HTTP client checks every address a host name resolves
+//! to and every redirect at connect time, with [`LocationPolicy::check_address`] and
+//! [`LocationPolicy::check_url`].
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use url::{Host, Url};
 
 use crate::{FieldError, JobSpec};
 
@@ -31,6 +36,9 @@ const METADATA_HOSTS: [&str; 4] = [
     "instance-data",
     "instance-data.ec2.internal",
 ];
+
+/// Why loopback is refused on a cluster.
+const LOOPBACK: &str = "on the loopback network, which on a cluster is the pod itself";
 
 /// Where a job's inputs and output may be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,42 +82,52 @@ impl LocationPolicy {
                 let path = rest.split(['?', '#']).next().unwrap_or_default();
                 check_path(Path::new(path.trim_start_matches("localhost")))
             }
-            "http" | "https" | "s3" => {
-                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-                let host_port = authority.rsplit('@').next().unwrap_or_default();
-                self.check_host(strip_port(host_port))
-            }
+            "http" | "https" | "s3" => match Url::parse(uri) {
+                Ok(url) => self.check_url(&url),
+                Err(e) => Some(format!("is not a valid URL: {e}")),
+            },
             other => Some(format!(
                 "scheme `{other}` is not allowed (use a path, file://, http(s):// or s3://)"
             )),
         }
     }
 
-    fn check_host(&self, host: &str) -> Option<String> {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if host.is_empty() {
-            return Some("names no host".into());
+    /// Why the host of `url` may not be reached, if it may not: for an input's URI, and
+    /// for each redirect the HTTP client is sent on.
+    pub fn check_url(&self, url: &Url) -> Option<String> {
+        let name = url.host_str().unwrap_or_default();
+        let why = match url.host() {
+            None => Some("names no host".to_string()),
+            Some(Host::Ipv4(v4)) => self.check_address(IpAddr::V4(v4)),
+            Some(Host::Ipv6(v6)) => self.check_address(IpAddr::V6(v6)),
+            Some(Host::Domain(domain)) => self.check_name(domain),
+        };
+        why.map(|why| format!("`{name}` is {why}"))
+    }
+
+    fn check_name(&self, name: &str) -> Option<String> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if name.is_empty() {
+            return Some("no host name".into());
         }
-        if METADATA_HOSTS.contains(&host.as_str()) {
-            return Some(format!("`{host}` is a cloud metadata service"));
+        if METADATA_HOSTS.contains(&name.as_str()) {
+            return Some("a cloud metadata service".into());
         }
-        let ip = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .ok();
-        if let Some(why) = ip.and_then(denied_address) {
-            return Some(format!("`{host}` is {why}"));
+        let loopback = name == "localhost" || name.ends_with(".localhost");
+        (loopback && !self.allow_loopback).then(|| LOOPBACK.to_string())
+    }
+
+    /// Why `ip` may not be connected to, if it may not: checked on every address a job's
+    /// host names resolve to, when the connection is made.
+    pub fn check_address(&self, ip: IpAddr) -> Option<String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if let Some(why) = denied_address(ip) {
+            return Some(why.to_string());
         }
-        let loopback = host == "localhost"
-            || host.ends_with(".localhost")
-            || ip.is_some_and(|ip| ip.is_loopback());
-        if loopback && !self.allow_loopback {
-            return Some(format!(
-                "`{host}` is on the loopback network, which on a cluster is the pod itself"
-            ));
-        }
-        None
+        (ip.is_loopback() && !self.allow_loopback).then(|| LOOPBACK.to_string())
     }
 
     /// Every refused location of `spec`, each naming its field.
@@ -160,26 +178,12 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-fn strip_port(host_port: &str) -> &str {
-    if let Some(v6) = host_port.strip_prefix('[') {
-        return v6.split(']').next().unwrap_or_default();
-    }
-    match host_port.rsplit_once(':') {
-        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
-        _ => host_port,
-    }
-}
-
 /// Addresses refused whatever the policy: link-local (every cloud's metadata service
 /// answers on 169.254.169.254), the unspecified address, and the metadata services that
 /// live elsewhere (AWS over IPv6, Alibaba).
 fn denied_address(ip: IpAddr) -> Option<&'static str> {
     const AWS_V6_METADATA: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     match ip {
         IpAddr::V4(v4) if v4.is_link_local() => Some("link-local (the cloud metadata service)"),
         IpAddr::V4(v4) if v4 == ALIBABA_METADATA => Some("a cloud metadata service"),
@@ -213,6 +217,13 @@ mod tests {
             "http://metadata.google.internal/computeMetadata/v1/",
             "http://100.100.100.200/latest/meta-data/",
             "http://user@169.254.169.254:80/x",
+            "http://2852039166/latest/meta-data/",
+            "http://0xa9fea9fe/",
+            "http://169.254.43518/",
+            "HTTP://METADATA.GOOGLE.INTERNAL./",
+            "http://[::ffff:a9fe:a9fe]/",
+            "http://2130706433/",
+            "http://a.localhost./",
             "http://0.0.0.0:8080/x",
             "http://localhost:9000/data/",
             "http://127.0.0.2/data/",
@@ -239,5 +250,35 @@ mod tests {
         assert_eq!(local.check("http://localhost:9000/data/"), None);
         assert!(local.check("http://169.254.169.254/").is_some());
         assert!(local.check("/proc/self/environ").is_some());
+        assert_eq!(local.check("http://2130706433/"), None);
+    }
+
+    #[test]
+    fn addresses_are_checked_as_the_client_connects() {
+        let cluster = LocationPolicy::cluster();
+        let local = LocationPolicy::local();
+        for ip in [
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:169.254.169.254",
+            "0.0.0.0",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(cluster.check_address(ip).is_some(), "{ip}");
+            assert!(local.check_address(ip).is_some(), "{ip}");
+        }
+        for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(cluster.check_address(ip).is_some(), "{ip}");
+            assert_eq!(local.check_address(ip), None, "{ip}");
+        }
+        for ip in ["10.0.0.5", "93.184.216.34", "2001:db8::1"] {
+            assert_eq!(cluster.check_address(ip.parse().unwrap()), None, "{ip}");
+        }
+        let redirect = Url::parse("http://169.254.169.254/latest/").unwrap();
+        assert_eq!(
+            local.check_url(&redirect).as_deref(),
+            Some("`169.254.169.254` is link-local (the cloud metadata service)")
+        );
     }
 }

@@ -24,6 +24,24 @@ pub enum Error {
         uri: String,
         source: object_store::Error,
     },
+    /// An input's server is where the location policy refuses to connect (found at connect
+    /// time: a host name's addresses, a redirect).
+    #[error("input `{input}` ({uri}) is refused: {reason}")]
+    InputRefused {
+        input: String,
+        uri: String,
+        reason: String,
+    },
+    /// Every address a job's host name resolves to is refused by the location policy.
+    #[error("`{host}` resolves to {address}, which is refused: {reason}")]
+    RefusedAddress {
+        host: String,
+        address: std::net::IpAddr,
+        reason: String,
+    },
+    /// A server redirected a job's read or write to a location the policy refuses.
+    #[error("the redirect to {to} is refused: {reason}")]
+    RefusedRedirect { to: String, reason: String },
     /// A step's SQL does not parse or plan.
     #[error("step `{step}`: {source}")]
     PlanStep {
@@ -159,9 +177,12 @@ impl Error {
     pub fn reason(&self) -> FailureReason {
         match self {
             Error::Spec(e) => e.reason(),
-            Error::RegisterInput { .. } | Error::InvalidUri { .. } | Error::ObjectStore { .. } => {
-                FailureReason::InvalidInput
-            }
+            Error::RegisterInput { .. }
+            | Error::InvalidUri { .. }
+            | Error::ObjectStore { .. }
+            | Error::InputRefused { .. }
+            | Error::RefusedAddress { .. }
+            | Error::RefusedRedirect { .. } => FailureReason::InvalidInput,
             Error::PlanStep { .. } | Error::Until { .. } => FailureReason::InvalidSql,
             Error::OutputExists { .. } => FailureReason::OutputExists,
             Error::WriteOutput { .. } => FailureReason::OutputWriteFailed,
@@ -226,6 +247,17 @@ fn find_in_dyn<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a E
         }
         e = e.source()?;
     }
+}
+
+/// The connect-time refusal (a refused address or redirect) beneath `e`, if that is why it
+/// failed.
+pub fn find_refusal(e: &DataFusionError) -> Option<&Error> {
+    find_kiln_error(e).filter(|k| {
+        matches!(
+            k,
+            Error::RefusedAddress { .. } | Error::RefusedRedirect { .. }
+        )
+    })
 }
 
 /// Result with the engine's error.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use arrow_flight::Ticket;
 use arrow_flight::flight_service_client::FlightServiceClient;
+use kiln_api::LocationPolicy;
 use kiln_api::rpc::JobStatusRequest;
 use kiln_api::rpc::driver_client::DriverClient;
 use kiln_api::tls::{self, JobCredentials, Role, TlsIdentity};
@@ -70,6 +71,7 @@ async fn strangers_are_refused_and_roles_keep_to_their_methods() {
             epoch: 1,
             attach: Vec::new(),
             tls: Some(id(&job, Role::Driver)),
+            locations: LocationPolicy::local(),
         },
     )
     .await
@@ -89,6 +91,7 @@ async fn strangers_are_refused_and_roles_keep_to_their_methods() {
         token: "token".into(),
         faults: String::new(),
         tls: Some(id(&job, Role::Executor)),
+        locations: LocationPolicy::local(),
     }));
     // The executor registered over TLS: its certificate was good for the driver.
     let address = tokio::time::timeout(Duration::from_secs(30), async {

@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod driver;
+pub mod egress;
 mod error;
 pub mod guard;
 #[cfg(test)]
@@ -19,5 +20,5 @@ pub mod worker;
 /// The control protocol between driver, executors and operator (defined in `kiln-api`).
 pub use kiln_api::rpc;
 
-pub use error::{Error, Result, find_kiln_error};
+pub use error::{Error, Result, find_kiln_error, find_refusal};
 pub use summary::*;

@@ -25,13 +25,15 @@ use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use kiln_api::{InputFormat, InputSpec, JobSpec, parse_memory};
+use kiln_api::{InputFormat, InputSpec, JobSpec, LocationPolicy, parse_memory};
+use object_store::ClientConfigKey;
 use object_store::aws::AmazonS3Builder;
 use object_store::http::HttpBuilder;
 use url::Url;
 
+use crate::egress::GuardedConnector;
 use crate::shuffle::{ReadMode, ShuffleEnv, ShuffleReaderExec};
-use crate::{Error, Result};
+use crate::{Error, Result, find_refusal};
 
 /// Share of an executor's memory (and of its disk, `executors.disk`) given to operators
 /// (aggregations, joins, sorts); the rest holds shuffle and cached blocks.
@@ -73,7 +75,13 @@ pub fn session_config(spec: &JobSpec) -> SessionConfig {
 }
 
 /// Registers object stores for every non-local location the job reads or writes.
-pub fn register_object_stores(runtime: &RuntimeEnv, spec: &JobSpec) -> Result<()> {
+/// An HTTP store connects only where `locations` allows, checked at each connection; an S3
+/// store's host is the operator's endpoint, not the job's to choose.
+pub fn register_object_stores(
+    runtime: &RuntimeEnv,
+    spec: &JobSpec,
+    locations: &LocationPolicy,
+) -> Result<()> {
     let uris = spec
         .inputs
         .iter()
@@ -88,6 +96,11 @@ pub fn register_object_stores(runtime: &RuntimeEnv, spec: &JobSpec) -> Result<()
             "http" | "https" => Arc::new(
                 HttpBuilder::new()
                     .with_url(base.as_str())
+                    .with_config(
+                        ClientConfigKey::AllowHttp,
+                        (base.scheme() == "http").to_string(),
+                    )
+                    .with_http_connector(GuardedConnector::new(locations.clone()))
                     .build()
                     .map_err(|source| Error::ObjectStore {
                         uri: uri.into(),
@@ -132,9 +145,12 @@ fn parse_url(uri: &str) -> Result<ListingTableUrl> {
 }
 
 /// The driver's planning session: object stores and every input registered as a table.
-pub async fn planning_context(spec: &JobSpec) -> Result<SessionContext> {
+pub async fn planning_context(
+    spec: &JobSpec,
+    locations: &LocationPolicy,
+) -> Result<SessionContext> {
     let runtime = RuntimeEnvBuilder::new().build_arc()?;
-    register_object_stores(&runtime, spec)?;
+    register_object_stores(&runtime, spec, locations)?;
     let state = SessionStateBuilder::new()
         .with_config(session_config(spec))
         .with_runtime_env(runtime)
@@ -144,10 +160,17 @@ pub async fn planning_context(spec: &JobSpec) -> Result<SessionContext> {
     for input in &spec.inputs {
         register_input(&ctx, input)
             .await
-            .map_err(|source| Error::RegisterInput {
-                input: input.name.clone(),
-                uri: input.uri.clone(),
-                source,
+            .map_err(|source| match find_refusal(&source) {
+                Some(refusal) => Error::InputRefused {
+                    input: input.name.clone(),
+                    uri: input.uri.clone(),
+                    reason: refusal.to_string(),
+                },
+                None => Error::RegisterInput {
+                    input: input.name.clone(),
+                    uri: input.uri.clone(),
+                    source,
+                },
             })?;
     }
     Ok(ctx)
@@ -242,6 +265,7 @@ pub fn executor_context(
     disk_bytes: u64,
     spill_dir: PathBuf,
     env: Arc<ShuffleEnv>,
+    locations: &LocationPolicy,
 ) -> Result<SessionContext> {
     let pool = FairSpillPool::new((memory_bytes as f64 * OPERATOR_MEMORY_FRACTION) as usize);
     let runtime = RuntimeEnvBuilder::new()
@@ -254,7 +278,7 @@ pub fn executor_context(
                 ),
         )
         .build_arc()?;
-    register_object_stores(&runtime, spec)?;
+    register_object_stores(&runtime, spec, locations)?;
     let config = session_config(spec).with_extension(env);
     let state = SessionStateBuilder::new()
         .with_config(config)

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kiln_api::LocationPolicy;
 use kiln_api::launch::{DriverLaunch, ExecutorLaunch};
 use kiln_api::tls::{Role, TlsIdentity};
 
@@ -161,6 +162,9 @@ async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
             epoch: args.epoch,
             attach: args.attach,
             tls,
+            locations: LocationPolicy {
+                allow_loopback: args.allow_loopback,
+            },
         },
     )
     .await;
@@ -226,6 +230,9 @@ async fn executor(args: ExecutorLaunch) -> anyhow::Result<std::process::ExitCode
         token: args.token,
         faults: args.faults,
         tls: TlsIdentity::from_env(Role::Executor)?,
+        locations: LocationPolicy {
+            allow_loopback: args.allow_loopback,
+        },
     })
     .await?;
     Ok(std::process::ExitCode::SUCCESS)

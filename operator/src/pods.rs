@@ -423,6 +423,7 @@ pub fn driver_pod(ctx: PodContext<'_>, attempt: u32, takeover: Option<&Takeover>
         job_uid: None,
         epoch: attempt.max(1).into(),
         attach: takeover.map(|t| t.attach.clone()).unwrap_or_default(),
+        allow_loopback: ctx.config.locations.allow_loopback,
     };
     let mut extra_annotations = takeover
         .map(|t| {
@@ -511,6 +512,7 @@ pub fn executor_pod(ctx: PodContext<'_>, index: u32, driver_ip: &str) -> Pod {
         // From the job's Secret: see `token_env`.
         token: String::new(),
         faults: String::new(),
+        allow_loopback: ctx.config.locations.allow_loopback,
     };
     pod(
         ctx,

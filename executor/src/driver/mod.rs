@@ -26,8 +26,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_api::JobSpec;
 use kiln_api::tls::TlsIdentity;
+use kiln_api::{JobSpec, LocationPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -60,6 +60,8 @@ pub struct DriverOptions {
     pub attach: Vec<String>,
     /// The driver's identity (None: plain connections, no client certificates checked).
     pub tls: Option<TlsIdentity>,
+    /// Where the job's HTTP inputs may connect, checked at each connection.
+    pub locations: LocationPolicy,
 }
 
 /// A cheap, cloneable handle on a running driver.
@@ -102,6 +104,7 @@ pub struct Driver {
     /// Executors of an earlier driver to take over before the job starts.
     attach: Vec<String>,
     token: String,
+    locations: LocationPolicy,
 }
 
 impl Driver {
@@ -171,6 +174,7 @@ impl Driver {
             monitor,
             attach: options.attach,
             token: options.token.unwrap_or_default(),
+            locations: options.locations,
         })
     }
 
@@ -208,7 +212,7 @@ impl Driver {
                 "took over executors of an earlier driver"
             );
         }
-        steps::run(&self.shared, spec).await
+        steps::run(&self.shared, spec, &self.locations).await
     }
 
     /// Stops serving at once, as a lost driver would: no goodbye to the executors, which

@@ -8,7 +8,7 @@ use std::time::Instant;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
-use kiln_api::{CacheLevel, JobSpec, StepSpec, parse_memory};
+use kiln_api::{CacheLevel, JobSpec, LocationPolicy, StepSpec, parse_memory};
 
 use super::iterate;
 use super::output::{OutputCommit, Prepared};
@@ -62,9 +62,13 @@ async fn check_steps<'a>(spec: &'a JobSpec, ctx: &SessionContext) -> Result<Vec<
 }
 
 /// Runs the job to its end.
-pub(crate) async fn run(shared: &Arc<Shared>, spec: &JobSpec) -> Result<JobOutcome> {
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    spec: &JobSpec,
+    locations: &LocationPolicy,
+) -> Result<JobOutcome> {
     let started = Instant::now();
-    let ctx = planning_context(spec).await?;
+    let ctx = planning_context(spec, locations).await?;
     let needed = check_steps(spec, &ctx).await?;
     let target = spec.target_step().expect("checked above");
     let commit = match &spec.output {

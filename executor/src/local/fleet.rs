@@ -60,6 +60,8 @@ impl Launcher {
             token: self.token.clone(),
             // None here: `kiln run`'s own KILN_FAULTS, if any, is inherited.
             faults: String::new(),
+            // The machine is the user's own, its loopback services too.
+            allow_loopback: true,
         };
         tokio::process::Command::new(&self.program)
             .args(launch.command_line())

@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_api::JobSpec;
 use kiln_api::tls::{JobCredentials, Role, TlsIdentity};
+use kiln_api::{JobSpec, LocationPolicy};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
@@ -88,6 +88,8 @@ impl DriverSetup {
                 epoch,
                 attach,
                 tls: self.tls.clone(),
+                // The machine is the user's own, its loopback services too.
+                locations: LocationPolicy::local(),
             },
         )
         .await
@@ -189,6 +191,7 @@ impl LocalCluster {
                     token: token.clone(),
                     faults: String::new(),
                     tls: executor_tls.clone(),
+                    locations: LocationPolicy::local(),
                 };
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = run_executor(eo).await {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use arrow_flight::flight_service_server::FlightServiceServer;
 use datafusion::prelude::SessionContext;
 use kiln_api::tls::{self, Role, TlsIdentity};
-use kiln_api::{JobSpec, parse_memory};
+use kiln_api::{JobSpec, LocationPolicy, parse_memory};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -163,6 +163,8 @@ pub struct ExecutorOptions {
     pub faults: String,
     /// The executor's identity (None: plain connections, no client certificates checked).
     pub tls: Option<TlsIdentity>,
+    /// Where the job's HTTP inputs and output may connect, checked at each connection.
+    pub locations: LocationPolicy,
 }
 
 /// How following one driver ended.
@@ -429,6 +431,7 @@ fn set_up(
         disk,
         opts.work_dir.join("spill"),
         env,
+        &opts.locations,
     )?);
     Ok(Setup {
         ctx,

@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 
 use super::Session;
 use crate::Error;
-use crate::error::find_kiln_error;
+use crate::error::{find_kiln_error, find_refusal};
 use crate::plan::{KilnCodec, SinkExec, StagedAttempt};
 use crate::rpc::{self, FailureKind, task_report::Outcome};
 use crate::shuffle::read_write_stats;
@@ -140,6 +140,14 @@ fn classify(e: &DataFusionError) -> rpc::TaskFailure {
             fetch_executor: executor.clone(),
             fetch_stage: *stage,
             fetch_map_partition: *map_partition,
+        };
+    }
+    // Where the job may not connect: retrying elsewhere cannot help.
+    if let Some(refusal) = find_refusal(e) {
+        return rpc::TaskFailure {
+            kind: FailureKind::Data as i32,
+            message: refusal.to_string(),
+            ..Default::default()
         };
     }
     let kind = match e.find_root() {

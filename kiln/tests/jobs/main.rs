@@ -7,6 +7,7 @@ mod common;
 mod commit;
 mod engine;
 mod examples;
+mod http;
 mod iterative;
 mod recovery;
 mod refusals;

@@ -6,11 +6,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kiln_api::crd::CONDITION_SPOT_FALLBACK;
+use kiln_api::launch::ENV_FAULTS;
 use kiln_api::{ComputeJob, FailureReason, JobPhase, SpotFallback};
 use kube::Api;
 use kube::api::ListParams;
+use serde_json::json;
 
 use kiln_e2e::operator::{
     Operator, apply_crds, create_job, csv_rows, job, run_locally, scratch, wait_finished,
@@ -18,6 +20,10 @@ use kiln_e2e::operator::{
 use kiln_e2e::{TestNamespace, client, kubectl, serial, wait_for};
 
 use super::{CONFIG, dir, few_iterations_done, pagerank, run_to_end, wordcount};
+
+/// Each task's pause in the fallback job: its tasks outlast the seconds between one
+/// executor pod's fallback and the next.
+const FALLBACK_TASK_DELAY_MS: u32 = 1000;
 
 /// The taint Karpenter puts on a node it is about to take away.
 const DISRUPTED: &str = "karpenter.sh/disrupted";
@@ -207,6 +213,13 @@ async fn without_spot_capacity_executors_fall_back_and_impossible_requests_fail_
     let outcome = async {
         let mut fallback = job("fallback", &wordcount(&dir(&work.join("out"))))?;
         fallback.spec.executors.spot_fallback = Some(SpotFallback { after_seconds: 3 });
+        // Each executor pod reaches its deadline on its own (the scheduler marks them
+        // unschedulable moments apart): the job's tasks pause so that it cannot finish on
+        // the first replacement before the second pod's deadline comes.
+        let slow: EnvVar = serde_json::from_value(
+            json!({"name": ENV_FAULTS, "value": format!("task-delay={FALLBACK_TASK_DELAY_MS}")}),
+        )?;
+        fallback.spec.executors.template.env.push(slow);
         create_job(&client, &ns.name, &fallback).await?;
         let mut huge = job("huge", &wordcount(&dir(&work.join("huge"))))?;
         huge.spec.executors.memory = "1Ti".into();
