@@ -166,6 +166,9 @@ pub struct JobSummary {
     pub steps: Vec<StepSummary>,
     /// The output, when the job has one.
     pub output: Option<OutputSummary>,
+    /// Rows returned to the driver, when the job has no output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_rows: Option<u64>,
     /// Losses and recomputation.
     pub recovery: RecoverySummary,
 }
@@ -186,7 +189,10 @@ impl JobSummary {
             partitions_migrated: self.recovery.partitions_migrated,
             partitions_lost: self.recovery.outputs_lost,
             executors_lost: self.recovery.executors_lost.clone(),
-            rows: self.output.as_ref().map_or(0, |o| o.rows),
+            rows: self
+                .output
+                .as_ref()
+                .map_or(self.result_rows.unwrap_or_default(), |o| o.rows),
             files: self.output.as_ref().map_or(0, |o| o.files),
             output_uri: self.output.as_ref().map(|o| o.uri.clone()),
             driver_losses: self.recovery.driver_losses,

@@ -47,6 +47,12 @@ pub struct Settings {
 /// How long a leader's lease lasts without renewal.
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 
+/// How long the operator waits at start for the ComputeJob CRD to be served.
+const CRD_PATIENCE: Duration = Duration::from_secs(120);
+
+/// How often it looks meanwhile.
+const CRD_POLL: Duration = Duration::from_secs(2);
+
 /// A future that completes on SIGTERM or Ctrl-C, shareable between the parts that stop.
 pub fn shutdown_signal() -> Shared<BoxFuture<'static, ()>> {
     async {
@@ -85,6 +91,38 @@ pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
     }
 }
 
+/// Waits for `probe` (a [`check_crd`]) to find the CRD served: a Helm install or a GitOps
+/// sync applies it moments before the operator starts, and the API server serves the
+/// resource only once it is Established. Polls every `poll`; after `patience` without it,
+/// fails as the probe does. Any other error ends the wait at once.
+async fn wait_for_crd<F, Fut>(mut probe: F, patience: Duration, poll: Duration) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut waiting = false;
+    loop {
+        match probe().await {
+            Err(Error::CrdNotInstalled) if tokio::time::Instant::now() < deadline => {
+                if !waiting {
+                    tracing::info!(
+                        patience_seconds = patience.as_secs(),
+                        "the ComputeJob CRD is not served yet; waiting for it to be established"
+                    );
+                    waiting = true;
+                }
+                tokio::time::sleep(poll).await;
+            }
+            Ok(()) if waiting => {
+                tracing::info!("the ComputeJob CRD is established");
+                return Ok(());
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs the operator until `shutdown` completes (or leadership is lost, an error).
 ///
 /// Boxed here, so callers in other crates do not compile the whole future again.
@@ -113,7 +151,15 @@ async fn run_inner(
     )
     .await?;
     let server = tokio::spawn(server);
-    check_crd(&client, settings.namespaces.first().map(String::as_str)).await?;
+    let namespace = settings.namespaces.first().map(String::as_str);
+    let probe = || check_crd(&client, namespace);
+    tokio::select! {
+        installed = wait_for_crd(probe, CRD_PATIENCE, CRD_POLL) => installed?,
+        _ = shutdown.clone() => {
+            let _ = server.await;
+            return Ok(());
+        }
+    }
     ready.store(true, Ordering::Relaxed);
 
     let lock = settings.leader_elect.then(|| {
@@ -229,4 +275,64 @@ async fn controller(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    const PATIENCE: Duration = Duration::from_millis(200);
+    const POLL: Duration = Duration::from_millis(5);
+
+    /// A probe answering from `answers` in turn (the last one ever after), counting calls.
+    fn probe<'a>(
+        calls: &'a Cell<usize>,
+        answers: &'a [fn() -> Result<()>],
+    ) -> impl FnMut() -> std::future::Ready<Result<()>> + 'a {
+        move || {
+            let n = calls.get();
+            calls.set(n + 1);
+            std::future::ready(answers[n.min(answers.len() - 1)]())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crd_applied_moments_later_is_waited_for() {
+        let calls = Cell::new(0);
+        let answers: [fn() -> Result<()>; 3] = [
+            || Err(Error::CrdNotInstalled),
+            || Err(Error::CrdNotInstalled),
+            || Ok(()),
+        ];
+        wait_for_crd(probe(&calls, &answers), PATIENCE, POLL)
+            .await
+            .expect("installed on the third look");
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_crd_never_applied_fails_after_the_patience_naming_it() {
+        let calls = Cell::new(0);
+        let answers: [fn() -> Result<()>; 1] = [|| Err(Error::CrdNotInstalled)];
+        let started = tokio::time::Instant::now();
+        let e = wait_for_crd(probe(&calls, &answers), PATIENCE, POLL)
+            .await
+            .expect_err("never installed");
+        assert!(matches!(e, Error::CrdNotInstalled), "{e}");
+        assert!(started.elapsed() >= PATIENCE);
+        assert!(calls.get() > 1, "it looked more than once");
+    }
+
+    #[tokio::test]
+    async fn other_errors_end_the_wait_at_once() {
+        let calls = Cell::new(0);
+        let answers: [fn() -> Result<()>; 1] = [|| Err(Error::MissingMetadata("name"))];
+        let e = wait_for_crd(probe(&calls, &answers), PATIENCE, POLL)
+            .await
+            .expect_err("another error");
+        assert!(matches!(e, Error::MissingMetadata(_)), "{e}");
+        assert_eq!(calls.get(), 1);
+    }
 }

@@ -144,6 +144,9 @@ pub(crate) async fn run(
     }
     let mut summary = shared.read(|core| core.summary(spec));
     summary.succeeded = true;
+    if output.is_none() {
+        summary.result_rows = Some(batches.iter().map(|b| b.num_rows() as u64).sum());
+    }
     summary.output = output;
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(JobOutcome {

@@ -134,7 +134,19 @@ fn wordcount_prints_the_top_words() {
     let _machine = shared();
     let expected = expected_top_words();
     let job = example_dir("wordcount").join("job.yaml");
-    let out = run_kiln(&["run", job.to_str().unwrap(), "--executors", "2"], TIMEOUT);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let summary = dir.path().join("summary.json");
+    let out = run_kiln(
+        &[
+            "run",
+            job.to_str().unwrap(),
+            "--executors",
+            "2",
+            "--summary",
+            summary.to_str().unwrap(),
+        ],
+        TIMEOUT,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -153,6 +165,10 @@ fn wordcount_prints_the_top_words() {
             "no printed row shows {word:?} with count {count}:\n{stdout}"
         );
     }
+    // A job without an output counts the rows it returned (the status shows them).
+    let summary: serde_json::Value =
+        serde_json::from_slice(&fs::read(&summary).expect("summary")).expect("summary JSON");
+    assert_eq!(summary["resultRows"], expected.len(), "{summary}");
 }
 
 /// Tab-separated rows of a file with a header line.
