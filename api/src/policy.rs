@@ -48,6 +48,11 @@ pub struct LocationPolicy {
     /// read: yes on one's own machine (`kiln run`), no on a cluster, where loopback is the
     /// pod itself and its sidecars.
     pub allow_loopback: bool,
+    /// Whether local paths may be relative: yes with `kiln run` (relative to the job file),
+    /// never on a cluster, where one would name whatever is at that place in the driver's
+    /// and executors' working directories. Not one of the operator's settings.
+    #[serde(skip)]
+    pub allow_relative_paths: bool,
 }
 
 impl Default for LocationPolicy {
@@ -61,6 +66,7 @@ impl LocationPolicy {
     pub fn cluster() -> Self {
         Self {
             allow_loopback: false,
+            allow_relative_paths: false,
         }
     }
 
@@ -68,6 +74,7 @@ impl LocationPolicy {
     pub fn local() -> Self {
         Self {
             allow_loopback: true,
+            allow_relative_paths: true,
         }
     }
 
@@ -75,7 +82,15 @@ impl LocationPolicy {
     pub fn check(&self, uri: &str) -> Option<String> {
         let uri = uri.trim();
         let Some((scheme, rest)) = uri.split_once("://") else {
-            return check_path(Path::new(uri));
+            let path = Path::new(uri);
+            if path.is_relative() && !self.allow_relative_paths {
+                return Some(
+                    "a relative path names no place on a cluster: use an absolute path (on a \
+                     volume the pods mount) or a URL"
+                        .into(),
+                );
+            }
+            return check_path(path);
         };
         match scheme.to_ascii_lowercase().as_str() {
             "file" => {
@@ -229,6 +244,9 @@ mod tests {
             "http://127.0.0.2/data/",
             "https://[::1]/data/",
             "gopher://example.com/",
+            "data/in/",
+            "./in.csv",
+            "../shared/in.csv",
         ] {
             assert!(
                 cluster.check(refused).is_some(),
@@ -236,7 +254,7 @@ mod tests {
             );
         }
         for allowed in [
-            "data/tpch/lineitem.parquet",
+            "/data/tpch/lineitem.parquet",
             "/data/in/",
             "file:///data/in/",
             "s3://bucket/prefix/",
@@ -248,6 +266,7 @@ mod tests {
         }
         let local = LocationPolicy::local();
         assert_eq!(local.check("http://localhost:9000/data/"), None);
+        assert_eq!(local.check("data/tpch/lineitem.parquet"), None);
         assert!(local.check("http://169.254.169.254/").is_some());
         assert!(local.check("/proc/self/environ").is_some());
         assert_eq!(local.check("http://2130706433/"), None);

@@ -164,6 +164,7 @@ async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
             tls,
             locations: LocationPolicy {
                 allow_loopback: args.allow_loopback,
+                ..LocationPolicy::cluster()
             },
         },
     )
@@ -232,6 +233,7 @@ async fn executor(args: ExecutorLaunch) -> anyhow::Result<std::process::ExitCode
         tls: TlsIdentity::from_env(Role::Executor)?,
         locations: LocationPolicy {
             allow_loopback: args.allow_loopback,
+            ..LocationPolicy::cluster()
         },
     })
     .await?;

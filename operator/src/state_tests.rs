@@ -558,6 +558,10 @@ fn secrets_metadata_bad_names_and_oversized_specs_fail_naming_the_rule() {
             "loopback",
         ),
         (
+            |w| w.job.spec.output.as_mut().unwrap().uri = "out/wordcount/".into(),
+            "spec.output.uri: `out/wordcount/` is refused: a relative path names no place",
+        ),
+        (
             |w| w.job.metadata.name = Some("has.dot".into()),
             "metadata.name: `has.dot` is not a DNS-1035 label",
         ),

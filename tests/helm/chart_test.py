@@ -540,6 +540,27 @@ def test_examples_match_the_crd():
         problems = []
         check_schema(job["spec"], schema, "spec", problems)
         assert not problems, f"{name}: {problems}"
+        # On a cluster a relative path means nothing: every location is a URL or absolute.
+        spec = job["spec"]
+        uris = [i["uri"] for i in spec.get("inputs", [])] + [spec.get("output", {}).get("uri", "/")]
+        relative = [u for u in uris if "://" not in u and not u.startswith("/")]
+        assert not relative, f"{name}: relative locations {relative}"
+
+
+def test_readme_job_is_a_shipped_example():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    jobs = [b for b in blocks if "kind: ComputeJob" in b]
+    assert jobs, "the README shows a ComputeJob"
+    examples = os.path.join(REPO, "manifests", "examples")
+    shipped = []
+    for name in sorted(os.listdir(examples)):
+        with open(os.path.join(examples, name)) as f:
+            text = f.read()
+        shipped.append(text[text.index("apiVersion:") :])
+    for job in jobs:
+        assert job in shipped, "the README's ComputeJob is not one of manifests/examples/"
 
 
 def test_grafana_dashboard():
@@ -570,9 +591,17 @@ def test_grafana_dashboard():
     registered = set(re.findall(r'registry\.register\(\s*"([a-z_]+)"', source))
     assert 'with_prefix("kiln_operator")' in source
     for name, owner in listed.items():
-        if owner == "operator":
-            base = re.sub(r"_total$", "", name[len("kiln_operator_") :])
-            assert base in registered, f"{name}: operator/src/metrics.rs registers {sorted(registered)}"
+        # Only the operator serves /metrics: a dashboard series nobody exports stays empty.
+        assert owner == "operator", f"{name}: only the operator exports metrics"
+        base = re.sub(r"_total$", "", name[len("kiln_operator_") :])
+        assert base in registered, f"{name}: operator/src/metrics.rs registers {sorted(registered)}"
+    # The losses panel explains every reason the operator labels a loss with.
+    with open(os.path.join(REPO, "api", "src", "loss.rs")) as f:
+        reasons = re.findall(r'LossReason::\w+ => "(\w+)"', f.read())
+    assert len(reasons) >= 6, reasons
+    losses = next(p for p in panels if "kiln_operator_executor_losses_total" in str(p.get("targets")))
+    missing = [r for r in reasons if r not in losses["description"]]
+    assert not missing, f"the executor-losses panel does not explain {missing}"
     for want in ["reconcile", "error", "phase", "loss", "replacement"]:
         assert any(want in (p.get("title", "") + json.dumps(p.get("targets", []))).lower() for p in panels), want
     for p in panels:
