@@ -41,7 +41,7 @@ const METADATA_HOSTS: [&str; 4] = [
 const LOOPBACK: &str = "on the loopback network, which on a cluster is the pod itself";
 
 /// Where a job's inputs and output may be.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct LocationPolicy {
     /// Whether hosts on the loopback network (`localhost`, 127.0.0.0/8, `::1`) may be
@@ -67,6 +67,14 @@ impl LocationPolicy {
         Self {
             allow_loopback: false,
             allow_relative_paths: false,
+        }
+    }
+
+    /// A job's pods', as the operator's policy (its `allowLoopback`) lets them connect.
+    pub fn pods(allow_loopback: bool) -> Self {
+        Self {
+            allow_loopback,
+            ..Self::cluster()
         }
     }
 

@@ -28,22 +28,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builds the HTTP clients of a job's stores: resolution and redirects held to `policy`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct GuardedConnector {
-    policy: Arc<LocationPolicy>,
+    policy: LocationPolicy,
 }
 
 impl GuardedConnector {
     /// A connector whose clients reach only what `policy` allows.
     pub fn new(policy: LocationPolicy) -> Self {
-        Self {
-            policy: Arc::new(policy),
-        }
+        Self { policy }
     }
 
     /// The client itself (the store's options say only whether plain HTTP is allowed).
-    pub fn client(&self, allow_http: bool) -> reqwest::Result<reqwest::Client> {
-        let policy = self.policy.clone();
+    fn client(&self, allow_http: bool) -> reqwest::Result<reqwest::Client> {
+        let policy = self.policy;
         let redirects = redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
                 return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
@@ -59,7 +57,7 @@ impl GuardedConnector {
         reqwest::Client::builder()
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .dns_resolver(Arc::new(GuardedResolver {
-                policy: self.policy.clone(),
+                policy: self.policy,
             }))
             .redirect(redirects)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -93,18 +91,18 @@ impl HttpConnector for GuardedConnector {
 /// Resolves a host name with the system's resolver and keeps the addresses `policy` allows.
 #[derive(Debug)]
 struct GuardedResolver {
-    policy: Arc<LocationPolicy>,
+    policy: LocationPolicy,
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        Box::pin(resolve(self.policy.clone(), name))
+        Box::pin(resolve(self.policy, name))
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn resolve(policy: Arc<LocationPolicy>, name: Name) -> Result<Addrs, BoxError> {
+async fn resolve(policy: LocationPolicy, name: Name) -> Result<Addrs, BoxError> {
     let host = name.as_str();
     let found: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
     let (allowed, refused) = screen(&policy, host, found);

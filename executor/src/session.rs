@@ -100,7 +100,7 @@ pub fn register_object_stores(
                         ClientConfigKey::AllowHttp,
                         (base.scheme() == "http").to_string(),
                     )
-                    .with_http_connector(GuardedConnector::new(locations.clone()))
+                    .with_http_connector(GuardedConnector::new(*locations))
                     .build()
                     .map_err(|source| Error::ObjectStore {
                         uri: uri.into(),
@@ -158,20 +158,21 @@ pub async fn planning_context(
         .build();
     let ctx = SessionContext::new_with_state(state);
     for input in &spec.inputs {
-        register_input(&ctx, input)
-            .await
-            .map_err(|source| match find_refusal(&source) {
+        register_input(&ctx, input).await.map_err(|source| {
+            let (name, uri) = (input.name.clone(), input.uri.clone());
+            match find_refusal(&source) {
                 Some(refusal) => Error::InputRefused {
-                    input: input.name.clone(),
-                    uri: input.uri.clone(),
+                    input: name,
+                    uri,
                     reason: refusal.to_string(),
                 },
                 None => Error::RegisterInput {
-                    input: input.name.clone(),
-                    uri: input.uri.clone(),
+                    input: name,
+                    uri,
                     source,
                 },
-            })?;
+            }
+        })?;
     }
     Ok(ctx)
 }

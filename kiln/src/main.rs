@@ -162,10 +162,7 @@ async fn driver(args: DriverLaunch) -> anyhow::Result<std::process::ExitCode> {
             epoch: args.epoch,
             attach: args.attach,
             tls,
-            locations: LocationPolicy {
-                allow_loopback: args.allow_loopback,
-                ..LocationPolicy::cluster()
-            },
+            locations: LocationPolicy::pods(args.allow_loopback),
         },
     )
     .await;
@@ -231,10 +228,7 @@ async fn executor(args: ExecutorLaunch) -> anyhow::Result<std::process::ExitCode
         token: args.token,
         faults: args.faults,
         tls: TlsIdentity::from_env(Role::Executor)?,
-        locations: LocationPolicy {
-            allow_loopback: args.allow_loopback,
-            ..LocationPolicy::cluster()
-        },
+        locations: LocationPolicy::pods(args.allow_loopback),
     })
     .await?;
     Ok(std::process::ExitCode::SUCCESS)
